@@ -1,0 +1,147 @@
+"""Capture the residual stream (decoder-block output) at chosen layers and positions in one forward pass.
+
+Only the selected positions are kept, so memory grows with rows x layers x d_model, never with sequence length.
+The forward pass stops after the deepest requested layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .intervene import hidden_of
+from .layers import find_layers, find_stack
+from .positions import PositionTracker
+
+
+@dataclass(frozen=True)
+class At:
+    """Where to read each row, in row positions (index in the row's unpadded tokens).
+
+    ``index`` [B] or [B, k]: explicit positions; negative values count from each row's end (-1 = last real
+    token). ``span`` = (start [B], end [B]) half-open: the mean over that span.
+    """
+
+    index: Tensor | None = None
+    span: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def parse(cls, spec: str | int | Sequence | Tensor | At, batch: int) -> At:
+        if isinstance(spec, At):
+            return spec
+        if isinstance(spec, str):
+            if spec == "last":
+                return cls(index=torch.full((batch,), -1))
+            if spec.startswith("last-") and spec[5:].isdigit():
+                return cls(index=torch.full((batch,), -1 - int(spec[5:])))
+            raise ValueError(f"unknown capture position {spec!r}; use 'last', 'last-K', an int, per-row indices or At(span=...)")
+        if isinstance(spec, int):
+            return cls(index=torch.full((batch,), spec))
+        index = torch.as_tensor(spec, dtype=torch.long)
+        if index.shape[0] != batch:
+            raise ValueError(f"capture positions have {index.shape[0]} rows but the batch has {batch}; pass one per row")
+        return cls(index=index)
+
+    @classmethod
+    def mean(cls, start: Sequence[int] | Tensor, end: Sequence[int] | Tensor) -> At:
+        """Mean over row positions ``start[b] <= p < end[b]``."""
+        return cls(span=(torch.as_tensor(start, dtype=torch.long), torch.as_tensor(end, dtype=torch.long)))
+
+
+class _Stop(Exception):
+    """Raised by the last capture hook to skip the rest of the forward pass."""
+
+
+def _select(hidden: Tensor, pos: Tensor, at: At) -> Tensor:
+    """Gather [B, k, d] (or [B, d]) from ``hidden`` [B, T, d] at row positions ``at`` given ``pos`` [B, T]."""
+    lengths = pos.max(dim=1).values + 1  # [B] real tokens per row
+    if at.span is not None:
+        start, end = (x.to(pos.device) for x in at.span)
+        weight = ((pos >= start[:, None]) & (pos < end[:, None]) & (pos >= 0)).to(hidden.dtype)
+        count = weight.sum(dim=1, keepdim=True)
+        if bool((count == 0).any()):
+            raise ValueError("a capture span covers no tokens in some row; check start < end within the row length")
+        return (weight[..., None] * hidden).sum(dim=1) / count
+    index = at.index.to(pos.device)
+    squeeze = index.dim() == 1
+    index = index[:, None] if squeeze else index
+    target = torch.where(index < 0, lengths[:, None] + index, index)  # [B, k]
+    if bool(((target < 0) | (target >= lengths[:, None])).any()):
+        raise ValueError(f"capture position out of range for a row of length {int(lengths.min())}; check the indices")
+    hit = pos[:, None, :] == target[:, :, None]  # [B, k, T]
+    column = hit.to(torch.int8).argmax(dim=-1)  # [B, k]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    picked = hidden[rows, column]  # [B, k, d]
+    return picked[:, 0] if squeeze else picked
+
+
+def capture(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    layers: Sequence[int],
+    at: str | int | Sequence | Tensor | At = "last",
+    layers_path: str | None = None,
+    stop_early: bool = True,
+) -> dict[int, Tensor]:
+    """Residual stream at ``layers`` and positions ``at``: ``{layer: [B, d]}`` (or ``[B, k, d]`` for k indices)."""
+    blocks = find_layers(model, layers_path)
+    wanted = sorted({int(i) % len(blocks) for i in layers})
+    for i in layers:
+        if not -len(blocks) <= int(i) < len(blocks):
+            raise ValueError(f"layer {i} is out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1})")
+    spec = At.parse(at, input_ids.shape[0])
+    tracker = PositionTracker()
+    out: dict[int, Tensor] = {}
+
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+            out[index] = _select(hidden_of(output), tracker.positions, spec).detach()
+            if stop_early and index == wanted[-1]:
+                raise _Stop
+
+        return hook
+
+    handles = [find_stack(model, layers_path).register_forward_pre_hook(tracker, with_kwargs=True)]
+    try:
+        handles += [blocks[i].register_forward_hook(make_hook(i)) for i in wanted]
+        with torch.no_grad():
+            try:
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {int(i): out[int(i) % len(blocks)] for i in layers}
+
+
+def mean_norms(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, layers_path: str | None = None
+) -> Tensor:
+    """Mean L2 norm of each decoder block's output [n_layers] over real tokens, each row's first token skipped
+    (it is often an outlier attention sink)."""
+    blocks = find_layers(model, layers_path)
+    tracker = PositionTracker()
+    norms = torch.zeros(len(blocks))
+
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+            keep = (tracker.positions >= 1).to(torch.float32)
+            per_token = hidden_of(output).detach().float().norm(dim=-1)
+            norms[index] = float((per_token * keep).sum() / keep.sum().clamp(min=1))
+
+        return hook
+
+    handles = [find_stack(model, layers_path).register_forward_pre_hook(tracker, with_kwargs=True)]
+    try:
+        handles += [block.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return norms

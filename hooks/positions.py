@@ -1,0 +1,175 @@
+"""Absolute token positions: which tokens of each forward call an intervention touches.
+
+A *row position* is a token's index in its own row's unpadded sequence (0 = the row's first real token). It is
+computed from the attention mask (or ``position_ids`` / the KV-cache length) of every forward call, so it stays
+right under left padding, rows of different lengths and KV-cache generation, where each call sees only new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MODES = ("all", "prompt", "response", "generated")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Per-row facts that position modes need, in row positions.
+
+    ``prompt_len`` [B]: real tokens in each row's prompt (``generated`` starts there).
+    ``response_start`` [B]: where the assistant turn starts, its header tokens included (``response`` starts there).
+    """
+
+    prompt_len: Tensor
+    response_start: Tensor | None = None
+
+    def check_batch(self, batch: int) -> None:
+        for name in ("prompt_len", "response_start"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != batch:
+                raise ValueError(
+                    f"RowLayout.{name} has {value.shape[0]} rows but the batch has {batch}; encode the same "
+                    "prompts you run (model.encode(...)) and pass its layout"
+                )
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Which positions to touch: a mode from ``MODES`` or explicit half-open ranges of row positions.
+
+    ``ranges`` is either shared by all rows (``[(start, end), ...]``) or one list per row; ``end=None`` is open.
+    """
+
+    mode: str | None = None
+    ranges: tuple | None = None
+    per_row: bool = False
+
+    @classmethod
+    def parse(cls, spec: str | Positions | Sequence) -> Positions:
+        if isinstance(spec, Positions):
+            return spec
+        if isinstance(spec, str):
+            if spec not in MODES:
+                raise ValueError(
+                    f"unknown position mode {spec!r}; use one of {', '.join(MODES)} or a list of (start, end) ranges"
+                )
+            return cls(mode=spec)
+        items = list(spec)
+        if not items:
+            raise ValueError("positions is an empty list; pass a mode such as 'all' or at least one (start, end) range")
+        if all(_is_range(r) for r in items):
+            return cls(ranges=tuple(_range(r) for r in items))
+        if all(isinstance(row, Sequence) and all(_is_range(r) for r in row) for row in items):
+            return cls(ranges=tuple(tuple(_range(r) for r in row) for row in items), per_row=True)
+        raise ValueError(
+            f"positions={spec!r} is not understood; pass a mode ({', '.join(MODES)}), a list of (start, end) ranges, "
+            "or one such list per batch row"
+        )
+
+    def needs(self) -> str | None:
+        """The ``RowLayout`` field this spec reads, if any."""
+        return {"response": "response_start", "prompt": "prompt_len", "generated": "prompt_len"}.get(self.mode)
+
+    def mask(self, pos: Tensor, layout: RowLayout | None) -> Tensor:
+        """Boolean mask [B, T] of the positions to touch, given row positions ``pos`` [B, T] (-1 for padding)."""
+        real = pos >= 0
+        if self.mode == "all":
+            return real
+        if self.mode is not None:
+            if layout is None:
+                raise ValueError(f"positions={self.mode!r} needs a RowLayout; run inside steer(...) with layout=...")
+            if self.mode == "response":
+                if layout.response_start is None:
+                    raise ValueError(
+                        "positions='response' needs where the assistant turn starts: encode chat prompts with "
+                        "model.encode(messages) (it records response_start) or pass RowLayout(response_start=...)"
+                    )
+                return real & (pos >= layout.response_start.to(pos.device)[:, None])
+            start = layout.prompt_len.to(pos.device)[:, None]
+            return real & (pos < start) if self.mode == "prompt" else real & (pos >= start)
+        rows = self.ranges if self.per_row else [self.ranges] * pos.shape[0]
+        if len(rows) != pos.shape[0]:
+            raise ValueError(f"positions has ranges for {len(rows)} rows but the batch has {pos.shape[0]}")
+        mask = torch.zeros_like(real)
+        for b, row in enumerate(rows):
+            for start, end in row:
+                hit = pos[b] >= start
+                if end is not None:
+                    hit &= pos[b] < end
+                mask[b] |= hit
+        return mask & real
+
+
+def _is_range(r: object) -> bool:
+    return isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2 and isinstance(r[0], int)
+
+
+def _range(r: Sequence) -> tuple[int, int | None]:
+    start, end = int(r[0]), (None if r[1] is None else int(r[1]))
+    if start < 0 or (end is not None and end <= start):
+        raise ValueError(f"range {tuple(r)} is invalid; ranges are (start, end) with 0 <= start < end (or end=None)")
+    return start, end
+
+
+def row_positions(
+    length: int,
+    batch: int,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    past_len: int = 0,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Row positions [B, T] of the ``length`` new tokens of one forward call; -1 marks padding."""
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] >= length:
+        mask = attention_mask.to(torch.long)
+        pos = (mask.cumsum(-1) - 1)[:, -length:]
+        return torch.where(mask[:, -length:].bool(), pos, torch.full_like(pos, -1))
+    if position_ids is not None:
+        ids = position_ids[-1] if position_ids.dim() == 3 else position_ids  # multimodal rope: [3, B, T]
+        return ids.to(torch.long).expand(batch, length)
+    return (torch.arange(length, device=device) + past_len).expand(batch, length)
+
+
+class PositionTracker:
+    """Forward pre-hook for the decoder stack: records the row positions of every call.
+
+    Without an explicit layout, a call with an empty KV cache defines the prompt (``prompt_len`` = its real tokens
+    per row), so ``with steer(...): model.generate(...)`` needs no extra arguments for ``prompt`` / ``generated``.
+    """
+
+    def __init__(self, layout: RowLayout | None = None):
+        self.layout = layout
+        self._given = layout is not None
+        self.positions: Tensor | None = None
+        self._masks: dict[int, Tensor] = {}
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = hidden if hidden is not None else ids
+        if ref is None:
+            raise ValueError("steering hooks could not find input_ids or inputs_embeds in the forward call")
+        batch, length = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.positions = row_positions(
+            length, batch, kwargs.get("attention_mask"), kwargs.get("position_ids"), past, ref.device
+        )
+        self._masks = {}
+        if self._given:
+            self.layout.check_batch(batch)
+        elif past == 0:
+            self.layout = RowLayout(prompt_len=self.positions.max(dim=1).values + 1)
+
+    def mask(self, spec: Positions) -> Tensor:
+        """Mask [B, T] for ``spec`` in the current call (computed once per call and spec)."""
+        if self.positions is None:
+            raise RuntimeError("no forward call seen yet: the decoder stack's pre-hook did not run")
+        key = id(spec)
+        if key not in self._masks:
+            self._masks[key] = spec.mask(self.positions, self.layout)
+        return self._masks[key]
