@@ -87,7 +87,7 @@ def _load_plugins() -> None:
     """Import modules that register further commands (they live beside the API they mirror)."""
     import importlib
 
-    for module in ("steering.vectors.cli", "steering.gap_cli", "steering.sweep_cli"):
+    for module in ("steering.vectors_cli", "steering.gap_cli", "steering.sweep_cli", "steering.backends_cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
