@@ -6,6 +6,7 @@ The forward pass stops after the deepest requested layer.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,12 +38,16 @@ class At:
                 return cls(index=torch.full((batch,), -1))
             if spec.startswith("last-") and spec[5:].isdigit():
                 return cls(index=torch.full((batch,), -1 - int(spec[5:])))
-            raise ValueError(f"unknown capture position {spec!r}; use 'last', 'last-K', an int, per-row indices or At(span=...)")
+            raise ValueError(
+                f"unknown capture position {spec!r}; use 'last', 'last-K', an int, per-row indices or At(span=...)"
+            )
         if isinstance(spec, int):
             return cls(index=torch.full((batch,), spec))
         index = torch.as_tensor(spec, dtype=torch.long)
         if index.shape[0] != batch:
-            raise ValueError(f"capture positions have {index.shape[0]} rows but the batch has {batch}; pass one per row")
+            raise ValueError(
+                f"capture positions have {index.shape[0]} rows but the batch has {batch}; pass one per row"
+            )
         return cls(index=index)
 
     @classmethod
@@ -105,14 +110,11 @@ def capture(
 
         return hook
 
-    handles = [find_stack(model, layers_path).register_forward_pre_hook(tracker, with_kwargs=True)]
+    handles = tracker.attach(model, find_stack(model, layers_path))
     try:
         handles += [blocks[i].register_forward_hook(make_hook(i)) for i in wanted]
-        with torch.no_grad():
-            try:
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _Stop:
-                pass
+        with torch.no_grad(), contextlib.suppress(_Stop):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -136,7 +138,7 @@ def mean_norms(
 
         return hook
 
-    handles = [find_stack(model, layers_path).register_forward_pre_hook(tracker, with_kwargs=True)]
+    handles = tracker.attach(model, find_stack(model, layers_path))
     try:
         handles += [block.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
         with torch.no_grad():

@@ -164,7 +164,7 @@ def steer(
 
         return hook
 
-    handles = [find_stack(model, layers_path).register_forward_pre_hook(tracker, with_kwargs=True)]
+    handles = tracker.attach(model, find_stack(model, layers_path))
     try:
         for index, group in sorted(by_layer.items()):
             handles.append(layers[index].register_forward_hook(make_hook(group)))

@@ -39,8 +39,10 @@ def find_layers_path(model: nn.Module, override: str | None = None) -> str:
     if override is not None:
         found = _get(model, override)
         if not isinstance(found, nn.ModuleList):
-            raise ValueError(f"layers_path={override!r} is not a ModuleList on {type(model).__name__}; pass the "
-                             "dotted path of the decoder blocks, e.g. 'model.layers'")
+            raise ValueError(
+                f"layers_path={override!r} is not a ModuleList on {type(model).__name__}; pass the "
+                "dotted path of the decoder blocks, e.g. 'model.layers'"
+            )
         return override
     n = _num_layers(model)
     for path in KNOWN_PATHS:

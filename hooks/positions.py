@@ -124,7 +124,7 @@ def row_positions(
     device: torch.device | None = None,
 ) -> Tensor:
     """Row positions [B, T] of the ``length`` new tokens of one forward call; -1 marks padding."""
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] >= length:
+    if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 and attention_mask.shape[-1] >= length:
         mask = attention_mask.to(torch.long)
         pos = (mask.cumsum(-1) - 1)[:, -length:]
         return torch.where(mask[:, -length:].bool(), pos, torch.full_like(pos, -1))
@@ -146,6 +146,23 @@ class PositionTracker:
         self._given = layout is not None
         self.positions: Tensor | None = None
         self._masks: dict[int, Tensor] = {}
+        self._outer_mask: Tensor | None = None
+
+    def attach(self, model: torch.nn.Module, stack: torch.nn.Module) -> list:
+        """Register on the decoder stack, and on the outer model when they differ: multimodal wrappers hand the
+        stack 4-D / per-layer-type masks, so the 2-D padding mask is read where the user passed it."""
+        handles = [stack.register_forward_pre_hook(self, with_kwargs=True)]
+        if model is not stack:
+            handles.append(model.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
+            handles.append(model.register_forward_hook(self._forget_mask))
+        return handles
+
+    def _remember_mask(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self._outer_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+    def _forget_mask(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        self._outer_mask = None
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("inputs_embeds")
@@ -156,9 +173,10 @@ class PositionTracker:
         batch, length = ref.shape[0], ref.shape[1]
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        self.positions = row_positions(
-            length, batch, kwargs.get("attention_mask"), kwargs.get("position_ids"), past, ref.device
-        )
+        mask = kwargs.get("attention_mask")
+        if not (isinstance(mask, Tensor) and mask.dim() == 2):
+            mask = self._outer_mask
+        self.positions = row_positions(length, batch, mask, kwargs.get("position_ids"), past, ref.device)
         self._masks = {}
         if self._given:
             self.layout.check_batch(batch)

@@ -1,0 +1,133 @@
+"""TransformerLens 4.x backend: steer and capture through a ``TransformerBridge``'s hook points.
+
+Interventions run as bridge hooks on ``blocks.{L}.hook_resid_post`` (the decoder block's output). The bridge swaps
+its block components into the wrapped Hugging Face model in place, so these hooks also fire when that model is
+called directly (e.g. by ``model.generate``). Row positions come from a pre-hook on the decoder stack, which sees
+the attention mask, position ids and KV cache the bridge actually passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import At
+from ..intervene import Intervention, model_d_model
+from ..layers import find_layers, find_stack
+from ..positions import PositionTracker, RowLayout
+from . import Plan, attach_tracker, capture_layers, select
+
+RESID_POST = "blocks.{}.hook_resid_post"
+
+
+def is_bridge(obj: object) -> bool:
+    """True for a TransformerLens ``TransformerBridge`` (without importing TransformerLens)."""
+    module = sys.modules.get("transformer_lens.model_bridge")
+    cls = getattr(module, "TransformerBridge", None) if module is not None else None
+    return cls is not None and isinstance(obj, cls)
+
+
+def hf_model(bridge: nn.Module) -> nn.Module:
+    """The Hugging Face model inside ``bridge`` (its blocks are the bridge's components)."""
+    return bridge.original_model
+
+
+def boot(model: nn.Module, tokenizer=None, eager_attention: bool = False) -> nn.Module:
+    """Wrap a loaded Hugging Face causal LM in a ``TransformerBridge`` (in place: the bridge takes over its blocks).
+
+    TransformerLens switches the model to eager attention; unless ``eager_attention``, the model's own attention
+    implementation is restored afterwards, so logits match plain transformers exactly (eager is only needed for
+    the ``attn.hook_pattern`` / ``hook_attn_scores`` hooks). The tokenizer is copied: the bridge normalises its own.
+    """
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as err:  # pragma: no cover - transformer-lens is a dependency
+        raise ValueError("backend='transformer_lens' needs transformer-lens>=4: pip install transformer-lens") from err
+    config = model.config
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]  # Gemma3 / OLMo2 built from a config are refused otherwise
+    attn = getattr(config, "_attn_implementation", None)
+    param = next(model.parameters())
+    placed = bool(getattr(model, "hf_device_map", None))
+    bridge = TransformerBridge.boot_transformers(
+        getattr(config, "name_or_path", None) or type(model).__name__,
+        hf_model=model,
+        tokenizer=copy.deepcopy(tokenizer) if tokenizer is not None else None,
+        device=None if placed else param.device,
+        dtype=param.dtype,
+    )
+    if not eager_attention and attn is not None and getattr(config, "_attn_implementation", None) != attn:
+        model.set_attn_implementation(attn)
+    return bridge
+
+
+def _group_hook(plan: Plan, layer: int):
+    def hook(tensor: Tensor, hook) -> Tensor:
+        return plan.apply(layer, tensor)
+
+    return hook
+
+
+@contextmanager
+def steer(
+    bridge: nn.Module,
+    interventions: Intervention | Sequence[Intervention],
+    layout: RowLayout | None = None,
+    layers_path: str | None = None,
+) -> Iterator[PositionTracker]:
+    """Apply ``interventions`` through bridge hooks to every forward inside the block (bridge calls and direct
+    calls of its Hugging Face model alike); all hooks are removed on exit and on exceptions."""
+    model = hf_model(bridge)
+    plan = Plan(interventions, len(find_layers(model, layers_path)), model_d_model(model), layout)
+    hooks = [(RESID_POST.format(i), _group_hook(plan, i)) for i in plan.layers]
+    handles = attach_tracker(plan.tracker, model, find_stack(model, layers_path))
+    try:
+        with bridge.hooks(fwd_hooks=hooks):
+            yield plan.tracker
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture(
+    bridge: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    layers: Sequence[int],
+    at: str | int | Sequence | Tensor | At = "last",
+    layers_path: str | None = None,
+) -> dict[int, Tensor]:
+    """Residual stream ``{layer: [B, d]}`` (or ``[B, k, d]``) from ``blocks.{L}.hook_resid_post`` in one bridge
+    forward that stops after the deepest requested layer."""
+    model = hf_model(bridge)
+    wanted = capture_layers(layers, len(find_layers(model, layers_path)))
+    spec = At.parse(at, input_ids.shape[0])
+    tracker = PositionTracker()
+    out: dict[int, Tensor] = {}
+
+    def make_hook(index: int):
+        def hook(tensor: Tensor, hook) -> None:
+            out[index] = select(tensor, tracker, spec)
+
+        return hook
+
+    handles = attach_tracker(tracker, model, find_stack(model, layers_path))
+    try:
+        with bridge.hooks(fwd_hooks=[(RESID_POST.format(i), make_hook(i)) for i in wanted]), torch.no_grad():
+            bridge(
+                input_ids,
+                attention_mask=attention_mask,
+                return_type=None,
+                stop_at_layer=wanted[-1] + 1,
+                use_cache=False,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = len(find_layers(model, layers_path))
+    return {int(i): out[int(i) % n] for i in layers}

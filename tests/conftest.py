@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random models built from configs (no download) and the real default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+VOCAB = 512
+
+# Small configs for every architecture the hooks layer supports: hidden 64, 2-4 layers.
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+
+
+def _configs() -> dict:
+    import transformers as tf
+
+    llama_like = dict(COMMON, num_key_value_heads=2, max_position_embeddings=256)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**llama_like),
+        "mistral": lambda: tf.MistralConfig(**llama_like),
+        "qwen2": lambda: tf.Qwen2Config(**llama_like),
+        "qwen3": lambda: tf.Qwen3Config(**llama_like, head_dim=16),
+        "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=16),
+        "gemma3": lambda: tf.Gemma3TextConfig(**llama_like, head_dim=16, sliding_window=16),
+        "olmo2": lambda: tf.Olmo2Config(**llama_like),
+        "phi3": lambda: tf.Phi3Config(**llama_like, pad_token_id=0),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**dict(COMMON, max_position_embeddings=256)),
+    }
+    if hasattr(tf, "Olmo3Config"):
+        configs["olmo3"] = lambda: tf.Olmo3Config(**llama_like, sliding_window=16)
+    return configs
+
+
+ARCHITECTURES = sorted(_configs())
+
+
+def build_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM of ``arch`` in fp32, eval mode, deterministic for ``seed``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _configs()[arch]()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.architectures = [type(model).__name__]
+    return model.eval()
+
+
+def build_gemma3_multimodal(seed: int = 0) -> torch.nn.Module:
+    """A tiny Gemma 3 multimodal wrapper (Gemma3ForConditionalGeneration) with a small vision tower."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = tf.Gemma3TextConfig(**dict(COMMON, num_key_value_heads=2, max_position_embeddings=256), head_dim=16)
+    vision = tf.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> torch.nn.Module:
+    return build_tiny("llama")
+
+
+def padded_batch(lengths: list[int], side: str = "left", seed: int = 0, pad: int = 0):
+    """Random token ids [B, T] with the given real lengths, padded on ``side``, and the attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        row = torch.randint(3, VOCAB, (n,), generator=gen)
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[b, span], mask[b, span] = row, 1
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (SmolLM2-135M-Instruct, fp32, CPU); `make test` fetches it first."""
+    from steering import load_model
+
+    return load_model("default")
