@@ -209,13 +209,17 @@ class SteeringModel:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def check_context(self, enc: Encoded, extra: int = 0) -> None:
-        """Raise a ValueError before any compute if a prompt does not fit the model's context window."""
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        limit = limit or getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None)
-        longest = int(enc.layout.prompt_len.max()) + extra
-        if limit is not None and longest > limit:
+        """Raise a ValueError before any compute if a prompt of ``enc`` does not fit the context window."""
+        self.check_context_length(int(enc.layout.prompt_len.max()) + extra)
+
+    def check_context_length(self, n_tokens: int) -> None:
+        """Raise a ValueError if ``n_tokens`` exceeds the model's context window."""
+        config = self.model.config
+        limit = getattr(config, "max_position_embeddings", None)
+        limit = limit or getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+        if limit is not None and n_tokens > limit:
             raise ValueError(
-                f"a prompt has {longest} tokens but {self.name} takes at most {limit}; shorten the prompt or "
+                f"a prompt has {n_tokens} tokens but {self.name} takes at most {limit}; shorten the prompt or "
                 "the system prompt variant"
             )
 

@@ -1,0 +1,475 @@
+"""Compare drivers and layers on sweep results: gap curves, steerability slopes, random-control bands, and a
+logistic decomposition of compliance into condition x driver-coefficient effects.
+
+Conventions: driver "none" (layer -1, coefficient 0) is the unsteered baseline; drivers whose name starts with
+"random" are random-direction controls. Where a steered (driver, layer) has no coefficient-0 rows, the
+baseline rows stand in for its coefficient 0 (`attach_baseline`), so every curve starts from the same point.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import special as _sp
+from scipy import stats as _st
+
+from steering.stats import CONTEXT_COLUMNS, context_columns, gap_table, unit_gaps
+
+BASELINE_DRIVER = "none"
+CONTROL_PREFIX = "random"
+POOLED_CONTROLS = "controls"
+"""Name of the single decomposition term that pools all random-control drivers."""
+
+
+def is_control(name: object) -> bool:
+    """True for random-direction control drivers ("random", "random-0", "random-1", ...)."""
+    return str(name).startswith(CONTROL_PREFIX)
+
+
+def _need(df: pd.DataFrame, cols: Sequence[str]) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"results frame lacks column(s) {missing}; pass rows as returned by ResultStore.frame()"
+        )
+
+
+def _ctx_of(frame: pd.DataFrame) -> list[str]:
+    """Context columns of a derived table (they are present only when they varied in the rows)."""
+    return [c for c in CONTEXT_COLUMNS if c in frame.columns]
+
+
+def _steered(df: pd.DataFrame) -> pd.Series:
+    return df["driver"] != BASELINE_DRIVER
+
+
+def attach_baseline(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy baseline ("none") rows in as coefficient 0 of every steered (driver, layer) that lacks one.
+
+    Baseline rows are matched on run, model, variant and scorer (those present), so contexts never mix.
+    """
+    _need(df, ["driver", "layer", "coefficient"])
+    base = df[~_steered(df)]
+    if base.empty:
+        return df
+    match = [c for c in CONTEXT_COLUMNS if c in df.columns]
+    cell = [*match, "driver", "layer"]
+    steered = df[_steered(df)]
+    has_zero = (steered["coefficient"] == 0).groupby([steered[c] for c in cell], dropna=False).any()
+    lacking = has_zero[~has_zero].reset_index()[cell]
+    if lacking.empty:
+        return df
+    others = base.drop(columns=["driver", "layer"])
+    added = lacking.merge(others, on=match, how="inner") if match else lacking.merge(others, how="cross")
+    added["coefficient"] = 0.0
+    return pd.concat([df, added[df.columns]], ignore_index=True)
+
+
+def gap_curves(df: pd.DataFrame, *, baseline: bool = True, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Gap with SEM, bootstrap CI and t-test per (varying context) x driver x layer x coefficient."""
+    _need(df, ["driver", "layer", "coefficient"])
+    rows = attach_baseline(df) if baseline else df
+    by = [*context_columns(df), "driver", "layer", "coefficient"]
+    curves = gap_table(rows, by=by, n_boot=n_boot, seed=seed)
+    curves.insert(len(by), "is_control", curves["driver"].map(is_control).astype(bool))
+    return curves.sort_values(by, kind="stable").reset_index(drop=True)
+
+
+def steerability(df: pd.DataFrame, *, baseline: bool = True, unit: str = "auto") -> pd.DataFrame:
+    """Per driver x layer: OLS slope of gap vs coefficient (95% CI) and Spearman rank correlation.
+
+    Observations are per-seed gaps at each coefficient (per-question gaps when the data have a single seed,
+    or with unit="question"); they are treated as independent, so the CI ignores pairing across coefficients.
+    """
+    _need(df, ["driver", "layer", "coefficient", "seed"])
+    if unit == "auto":
+        unit = "seed" if df.loc[df["compliance"].notna(), "seed"].nunique() >= 2 else "question"
+    rows = attach_baseline(df) if baseline else df
+    ctx = context_columns(df)
+    records = []
+    for key, sub in rows[_steered(rows)].groupby([*ctx, "driver", "layer"], sort=True, dropna=False):
+        xs, ys = [], []
+        for coef, cell in sub.groupby("coefficient", sort=True):
+            gaps, _ = unit_gaps(cell, unit)
+            xs.append(np.full(gaps.size, float(coef)))
+            ys.append(gaps.to_numpy(dtype=float))
+        x = np.concatenate(xs) if xs else np.empty(0)
+        y = np.concatenate(ys) if ys else np.empty(0)
+        rec: dict[str, Any] = dict(zip([*ctx, "driver", "layer"], key))
+        rec.update(_slope(x, y))
+        rec.update({"is_control": is_control(rec["driver"]), "unit": unit, "n_coefficients": len(xs)})
+        records.append(rec)
+    cols = [*ctx, "driver", "layer", "is_control", "unit", "n_coefficients", "n_obs", "slope", "slope_se"]
+    cols += ["slope_ci_low", "slope_ci_high", "slope_p", "intercept", "spearman_rho", "spearman_p"]
+    return pd.DataFrame(records, columns=cols)
+
+
+def _slope(x: np.ndarray, y: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    nan = float("nan")
+    out = dict.fromkeys(
+        [
+            "slope",
+            "slope_se",
+            "slope_ci_low",
+            "slope_ci_high",
+            "slope_p",
+            "intercept",
+            "spearman_rho",
+            "spearman_p",
+        ],
+        nan,
+    )
+    out["n_obs"] = int(x.size)
+    if x.size < 3 or np.unique(x).size < 2:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant y: correlation undefined
+        fit = _st.linregress(x, y)
+        rho, rho_p = _st.spearmanr(x, y)
+    half = _st.t.ppf(0.5 + level / 2, x.size - 2) * fit.stderr
+    out.update(
+        slope=float(fit.slope),
+        slope_se=float(fit.stderr),
+        slope_ci_low=float(fit.slope - half),
+        slope_ci_high=float(fit.slope + half),
+        slope_p=float(fit.pvalue),
+        intercept=float(fit.intercept),
+        spearman_rho=float(rho),
+        spearman_p=float(rho_p),
+    )
+    return out
+
+
+def control_band(
+    df: pd.DataFrame | None = None, *, curves: pd.DataFrame | None = None, baseline: bool = True
+) -> pd.DataFrame:
+    """Per layer x coefficient: min, max and mean gap over the random-control drivers (rows or curves)."""
+    curves = _curves(df, curves, baseline)
+    ctx = _ctx_of(curves)
+    ctrl = curves[curves["is_control"] & curves["gap"].notna()]
+    cols = [*ctx, "layer", "coefficient", "band_low", "band_high", "band_mean", "n_controls"]
+    if ctrl.empty:
+        return pd.DataFrame(columns=cols)
+    band = (
+        ctrl.groupby([*ctx, "layer", "coefficient"], sort=True, dropna=False)["gap"]
+        .agg(band_low="min", band_high="max", band_mean="mean", n_controls="count")
+        .reset_index()
+    )
+    return band[cols]
+
+
+def _curves(df: pd.DataFrame | None, curves: pd.DataFrame | None, baseline: bool) -> pd.DataFrame:
+    if curves is not None:
+        return curves
+    if df is None:
+        raise ValueError("pass the results rows (df) or precomputed gap_curves(df) (curves=...)")
+    return gap_curves(df, baseline=baseline)
+
+
+def outside_control_band(
+    df: pd.DataFrame | None = None, *, curves: pd.DataFrame | None = None, baseline: bool = True
+) -> pd.DataFrame:
+    """Per non-control driver x layer: the coefficients where its gap (and its whole CI) leaves the band.
+
+    `excess` is the largest distance of the gap beyond the band (0 when inside). With a single control the
+    band is one line, so read `n_controls` before trusting `outside`.
+    """
+    curves = _curves(df, curves, baseline)
+    ctx = _ctx_of(curves)
+    band = control_band(curves=curves)
+    drivers = curves[~curves["is_control"] & (curves["driver"] != BASELINE_DRIVER)]
+    merged = drivers.merge(band, on=[*ctx, "layer", "coefficient"], how="left")
+    records = []
+    for key, sub in merged.groupby([*ctx, "driver", "layer"], sort=True, dropna=False):
+        sub = sub[sub["band_low"].notna() & sub["gap"].notna()]
+        above = sub["gap"] > sub["band_high"]
+        below = sub["gap"] < sub["band_low"]
+        ci_out = (sub["ci_low"] > sub["band_high"]) | (sub["ci_high"] < sub["band_low"])
+        excess = np.maximum(sub["gap"] - sub["band_high"], sub["band_low"] - sub["gap"]).clip(lower=0)
+        rec = dict(zip([*ctx, "driver", "layer"], key))
+        rec.update(
+            n_compared=int(len(sub)),
+            n_controls=int(sub["n_controls"].min()) if len(sub) else 0,
+            outside=bool((above | below).any()) if len(sub) else pd.NA,
+            n_above=int(above.sum()),
+            n_below=int(below.sum()),
+            coefficients_outside=[float(c) for c in sub.loc[above | below, "coefficient"]],
+            coefficients_ci_outside=[float(c) for c in sub.loc[ci_out, "coefficient"]],
+            max_excess=float(excess.max()) if len(sub) else float("nan"),
+        )
+        records.append(rec)
+    cols = [*ctx, "driver", "layer", "n_compared", "n_controls", "outside", "n_above", "n_below"]
+    cols += ["coefficients_outside", "coefficients_ci_outside", "max_excess"]
+    return pd.DataFrame(records, columns=cols)
+
+
+def layer_table(
+    df: pd.DataFrame | None,
+    driver: str,
+    value: str = "gap",
+    *,
+    curves: pd.DataFrame | None = None,
+    baseline: bool = True,
+) -> pd.DataFrame:
+    """Layer x coefficient pivot of `value` (a gap_curves column, default the gap) for one driver."""
+    curves = _curves(df, curves, baseline)
+    if value not in curves.columns:
+        raise ValueError(f"value {value!r} is not a gap_curves column; choose one of {list(curves.columns)}")
+    sub = curves[curves["driver"] == driver]
+    if sub.empty:
+        raise ValueError(
+            f"driver {driver!r} not in the results; drivers present: {sorted(curves['driver'].unique())}"
+        )
+    return sub.pivot_table(
+        index=[*_ctx_of(curves), "layer"], columns="coefficient", values=value, aggfunc="first"
+    )
+
+
+# -- logistic decomposition ----------------------------------------------------------------------------------
+
+
+def decompose(
+    df: pd.DataFrame,
+    *,
+    per_layer: bool = True,
+    controls: str = "pooled",
+    cluster: str | None = "question",
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Fractional-logit decomposition of compliance, fitted by maximum likelihood (Newton / IRLS):
+
+        logit P(comply) = b0 + b_mon * monitored + sum_d beta_d * coef_d + sum_d gamma_d * monitored * coef_d
+
+    coef_d is the row's coefficient when its driver is d (else 0); d is "driver@L<layer>" with per_layer,
+    else the driver pooled over layers. gamma_d says how driver d moves the gap (logit units per unit
+    coefficient). Random controls are pooled into one term "controls" (a null reference: its gamma should
+    be ~0) or dropped with controls="exclude". Compliance values are used as probabilities (quasi-likelihood);
+    SEs are sandwich estimates clustered by `cluster` (default question; None for HC1). Unjudged rows are
+    dropped. Several contexts (variants, models, ...) are fitted separately.
+    """
+    _need(df, ["driver", "layer", "coefficient", "condition", "compliance"])
+    if controls not in ("pooled", "exclude"):
+        raise ValueError(f"controls must be 'pooled' or 'exclude', got {controls!r}")
+    if cluster is not None:
+        _need(df, [cluster])
+    ctx = context_columns(df)
+    parts = []
+    groups = df.groupby(ctx, sort=True, dropna=False) if ctx else [((), df)]
+    for key, sub in groups:
+        table = _decompose_one(sub, per_layer, controls, cluster, level)
+        for col, val in zip(ctx, key if isinstance(key, tuple) else (key,)):
+            table.insert(ctx.index(col), col, val)
+        parts.append(table)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _term_name(driver: str, layer: int, per_layer: bool) -> str:
+    name = POOLED_CONTROLS if is_control(driver) else driver
+    return f"{name}@L{layer}" if per_layer else name
+
+
+def _decompose_one(
+    df: pd.DataFrame, per_layer: bool, controls: str, cluster: str | None, level: float
+) -> pd.DataFrame:
+    rows = df[df["compliance"].notna()]
+    if controls == "exclude":
+        rows = rows[~rows["driver"].map(is_control).astype(bool)]
+    if rows.empty:
+        raise ValueError(
+            "no judged rows to decompose; score the results first (compliance is NULL everywhere)"
+        )
+    y = rows["compliance"].to_numpy(dtype=float)
+    mon = (rows["condition"] == "monitored").to_numpy(dtype=float)
+    coef = rows["coefficient"].to_numpy(dtype=float)
+    steered = (rows["driver"] != BASELINE_DRIVER).to_numpy() & (coef != 0)
+    cells = rows[["driver", "layer"]].drop_duplicates()
+    cells = cells.assign(
+        term=[_term_name(d, int(lay), per_layer) for d, lay in zip(cells["driver"], cells["layer"])]
+    )
+    names = (
+        rows[["driver", "layer"]]
+        .merge(cells, on=["driver", "layer"], how="left")["term"]
+        .to_numpy(dtype=object)
+    )
+    terms = sorted({n for n, s in zip(names, steered) if s})
+
+    columns = [np.ones_like(y), mon]
+    meta: list[tuple[str, str, str | None, int | None]] = [
+        ("intercept", "intercept", None, None),
+        ("monitored", "condition", None, None),
+    ]
+    for term in terms:
+        x = np.where(steered & (names == term), coef, 0.0)
+        drv, _, lay = term.partition("@L")
+        layer = int(lay) if lay else None
+        columns += [x, mon * x]
+        meta += [
+            (f"coef[{term}]", "coefficient", drv, layer),
+            (f"monitored:coef[{term}]", "interaction", drv, layer),
+        ]
+    X = np.column_stack(columns)
+    if np.unique(mon).size < 2:
+        raise ValueError("decomposition needs both monitored and unmonitored rows")
+    groups = None if cluster is None else pd.factorize(rows[cluster])[0]
+    beta, cov, converged = fit_fractional_logit(X, y, groups)
+    if not converged:
+        warnings.warn(
+            "decomposition did not converge (separation?); estimates may be unreliable", stacklevel=3
+        )
+    se = np.sqrt(np.clip(np.diag(cov), 0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = beta / se
+    crit = _st.norm.ppf(0.5 + level / 2)
+    out = pd.DataFrame(meta, columns=["term", "kind", "driver", "layer"])
+    out["layer"] = out["layer"].astype("Int64")
+    out["estimate"] = beta
+    out["se"] = se
+    out["z"] = z
+    out["p"] = 2 * _st.norm.sf(np.abs(z))
+    out["ci_low"] = beta - crit * se
+    out["ci_high"] = beta + crit * se
+    out["n_obs"] = int(y.size)
+    out["n_clusters"] = int(np.unique(groups).size) if groups is not None else int(y.size)
+    out["converged"] = converged
+    return out
+
+
+def fit_fractional_logit(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-10
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Maximise sum y*log(p) + (1-y)*log(1-p), p = expit(X b), by damped Newton: (b, sandwich cov, converged).
+
+    y may be fractional in [0, 1]. The covariance is cluster-robust over `groups` (integer labels), or HC1.
+    """
+    X = np.asarray(X, dtype=float)
+    y = np.asarray(y, dtype=float)
+    n, k = X.shape
+    scale = np.abs(X).max(axis=0)
+    scale[scale == 0] = 1.0
+    Xs = X / scale  # columns on a common scale: coefficients in the hundreds stay well conditioned
+    # einsum rather than BLAS (@): small-k products on many rows thrash BLAS threads on a busy machine
+    gram_eig = np.linalg.eigvalsh(np.einsum("ni,nj->ij", Xs, Xs))
+    if gram_eig.min() <= 1e-10 * max(gram_eig.max(), 1e-300):
+        raise ValueError(
+            "decomposition terms are collinear (e.g. a driver seen in only one condition, or at a single "
+            "coefficient); add rows that vary them, or use per_layer=False / controls='exclude'"
+        )
+
+    def linear(b: np.ndarray) -> np.ndarray:
+        return np.einsum("nk,k->n", Xs, b)
+
+    def loglik(b: np.ndarray) -> float:
+        eta = linear(b)
+        return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+    beta = np.zeros(k)
+    mean = np.clip(y.mean(), 1e-6, 1 - 1e-6)
+    if np.allclose(Xs[:, 0], 1.0):
+        beta[0] = np.log(mean / (1 - mean))
+    ll = loglik(beta)
+    converged = False
+    for _ in range(max_iter):
+        p = _sp.expit(linear(beta))
+        grad = np.einsum("nk,n->k", Xs, y - p)
+        hess = np.einsum("ni,nj->ij", Xs * (p * (1 - p))[:, None], Xs)
+        step = np.linalg.lstsq(hess, grad, rcond=None)[0]
+        t = 1.0
+        while t > 1e-10:
+            new_ll = loglik(beta + t * step)
+            if new_ll >= ll - 1e-12 * abs(ll):
+                break
+            t /= 2
+        beta = beta + t * step
+        ll = new_ll
+        if np.max(np.abs(t * step)) < tol:
+            converged = True
+            break
+
+    p = _sp.expit(linear(beta))
+    bread = np.linalg.pinv(np.einsum("ni,nj->ij", Xs * (p * (1 - p))[:, None], Xs))
+    scores = Xs * (y - p)[:, None]
+    if groups is None:
+        meat = np.einsum("ni,nj->ij", scores, scores) * (n / max(n - k, 1))
+    else:
+        labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        g = labels.size
+        summed = np.column_stack([np.bincount(inverse, weights=scores[:, j], minlength=g) for j in range(k)])
+        meat = np.einsum("gi,gj->ij", summed, summed) * (g / max(g - 1, 1))
+    cov_s = bread @ meat @ bread
+    return beta / scale, cov_s / np.outer(scale, scale), converged
+
+
+# -- synthetic data ------------------------------------------------------------------------------------------
+
+
+def simulate_rows(
+    drivers: Mapping[str, tuple[float, float]] | None = None,
+    *,
+    layers: Sequence[int] = (12,),
+    layer_scale: Mapping[int, float] | None = None,
+    coefficients: Sequence[float] = (-4.0, 4.0, 8.0, 16.0),
+    n_controls: int = 2,
+    n_questions: int = 40,
+    seeds: Sequence[int] = (0, 1, 2),
+    intercept: float = -0.5,
+    monitored: float = 1.0,
+    question_sd: float = 0.0,
+    outcome: str = "bernoulli",
+    unjudged: float = 0.0,
+    seed: int = 0,
+    run: str = "synthetic",
+    model: str = "toy",
+    variant: str = "base",
+    scorer: str = "synthetic",
+) -> pd.DataFrame:
+    """Result rows drawn from the decomposition model with planted effects: for tests, docs, report previews.
+
+    drivers maps name -> (beta, gamma) per unit coefficient (scaled by layer_scale[layer], default 1);
+    controls "random-i" get (0, 0). outcome "bernoulli" draws 0/1, "probability" stores P(comply) exactly.
+    Baseline rows use driver "none", layer -1, coefficient 0.
+    """
+    if outcome not in ("bernoulli", "probability"):
+        raise ValueError(f"outcome must be 'bernoulli' or 'probability', got {outcome!r}")
+    if drivers is None:
+        drivers = {"values": (0.02, 0.06), "goal_guarding": (0.0, 0.04), "sycophancy": (0.03, -0.05)}
+    effects = dict(drivers)
+    effects.update({f"{CONTROL_PREFIX}-{i}": (0.0, 0.0) for i in range(n_controls)})
+    rng = np.random.default_rng(seed)
+    q_effect = rng.normal(0.0, question_sd, n_questions)
+    cells = [(BASELINE_DRIVER, -1, 0.0)]
+    cells += [(d, int(lay), float(c)) for d in effects for lay in layers for c in coefficients]
+    records = []
+    for drv, lay, c in cells:
+        beta, gamma = effects.get(drv, (0.0, 0.0))
+        s = 1.0 if layer_scale is None else float(layer_scale.get(lay, 1.0))
+        for sd in seeds:
+            for cond in ("monitored", "unmonitored"):
+                m = 1.0 if cond == "monitored" else 0.0
+                eta = intercept + q_effect + m * monitored + c * s * (beta + m * gamma)
+                prob = _sp.expit(eta)
+                comp = rng.binomial(1, prob).astype(float) if outcome == "bernoulli" else prob
+                if unjudged > 0:
+                    comp = np.where(rng.random(n_questions) < unjudged, np.nan, comp)
+                for q in range(n_questions):
+                    records.append(
+                        (run, model, drv, lay, c, variant, cond, f"q{q:03d}", int(sd), scorer, comp[q])
+                    )
+    cols = [
+        "run",
+        "model",
+        "driver",
+        "layer",
+        "coefficient",
+        "variant",
+        "condition",
+        "question",
+        "seed",
+        "scorer",
+    ]
+    df = pd.DataFrame(records, columns=[*cols, "compliance"])
+    df["extra"] = "{}"
+    return df

@@ -1,0 +1,390 @@
+"""Result store: one SQLite row per result key, written batch by batch so a killed sweep resumes losslessly.
+
+The store is a single SQLite file in WAL mode. Each `write_rows` call is one transaction (all rows or none),
+and rows are keyed so that rerunning a batch replaces rather than duplicates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pandas as pd
+
+FORMAT_VERSION = 1
+"""Version of the table layout; a store or run written with another version is refused, never mixed."""
+
+KEY_COLUMNS: tuple[str, ...] = (
+    "run",
+    "model",
+    "driver",
+    "layer",
+    "coefficient",
+    "variant",
+    "condition",
+    "question",
+    "seed",
+    "scorer",
+)
+"""Columns that identify one result row, in the order used by `done_keys` tuples."""
+
+VALUE_COLUMNS: tuple[str, ...] = ("compliance", "extra")
+COLUMNS: tuple[str, ...] = KEY_COLUMNS + VALUE_COLUMNS
+CONDITIONS: tuple[str, str] = ("monitored", "unmonitored")
+
+_INT_KEYS = frozenset({"layer", "seed"})
+_FLOAT_KEYS = frozenset({"coefficient"})
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    run TEXT PRIMARY KEY,
+    spec_json TEXT NOT NULL,
+    spec_hash TEXT NOT NULL,
+    format_version INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    versions_json TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    run TEXT NOT NULL REFERENCES runs(run),
+    model TEXT NOT NULL,
+    driver TEXT NOT NULL,
+    layer INTEGER NOT NULL,
+    coefficient REAL NOT NULL,
+    variant TEXT NOT NULL,
+    condition TEXT NOT NULL CHECK (condition IN ('monitored', 'unmonitored')),
+    question TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    scorer TEXT NOT NULL,
+    compliance REAL CHECK (compliance IS NULL OR (compliance >= 0 AND compliance <= 1)),
+    extra TEXT NOT NULL DEFAULT '{{}}',
+    PRIMARY KEY ({", ".join(KEY_COLUMNS)})
+) WITHOUT ROWID;
+"""
+
+
+class StoreError(RuntimeError):
+    """The store file cannot be opened or written (path, permissions, full disk); nothing partial was kept."""
+
+
+class StoreMismatchError(ValueError):
+    """A run or store already exists with a different spec or format; results would be mixed."""
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    """sha256 of the spec's canonical JSON (sorted keys, no whitespace), so equal specs hash equally."""
+    return hashlib.sha256(_canonical_json(spec, "spec").encode("utf-8")).hexdigest()
+
+
+def _canonical_json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{what} must be JSON-serialisable with finite numbers (convert paths, numpy values and "
+            f"tuples to str / float / list first): {exc}"
+        ) from exc
+
+
+def _normalise_row(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Validate one row dict and return it as a tuple in COLUMNS order, with plain Python types."""
+    missing = [c for c in KEY_COLUMNS if c not in row]
+    if missing:
+        raise ValueError(f"result row lacks key column(s) {missing}; every row needs {list(KEY_COLUMNS)}")
+    out: list[Any] = []
+    for col in KEY_COLUMNS:
+        value = row[col]
+        if col in _INT_KEYS:
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise ValueError(f"row column {col!r} must be an integer, got {value!r}")
+            out.append(int(value))
+        elif col in _FLOAT_KEYS:
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(f"row column {col!r} must be a finite number, got {value!r}")
+            out.append(number + 0.0)  # -0.0 -> 0.0 so both spellings share one key
+        else:
+            if value is None:
+                raise ValueError(f"row column {col!r} must be a string, got None")
+            out.append(str(value))
+    if out[KEY_COLUMNS.index("condition")] not in CONDITIONS:
+        raise ValueError(f"row condition must be one of {CONDITIONS}, got {row['condition']!r}")
+    compliance = row.get("compliance")
+    if compliance is not None:
+        compliance = float(compliance)
+        if math.isnan(compliance):
+            compliance = None
+        elif not 0.0 <= compliance <= 1.0:
+            raise ValueError(f"row compliance must lie in [0, 1] or be None (unjudged), got {compliance!r}")
+    out.append(compliance)
+    extra = row.get("extra", "{}")
+    if extra is None:
+        extra = "{}"
+    if isinstance(extra, str):
+        try:
+            json.loads(extra)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"row extra must be JSON text or a dict, got invalid JSON {extra!r}") from exc
+    else:
+        extra = _canonical_json(extra, "row extra")
+    out.append(extra)
+    return tuple(out)
+
+
+class ResultStore:
+    """SQLite store of sweep results; use as a context manager or call `close()`.
+
+    Open with `readonly=True` to read a store (e.g. while a sweep writes it) without creating anything.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, readonly: bool = False, timeout: float = 30.0
+    ) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._conn: sqlite3.Connection | None = None
+        self._check_path()
+        try:
+            if readonly:
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+            else:
+                conn = sqlite3.connect(self.path, timeout=timeout)
+            conn.isolation_level = None  # explicit BEGIN / COMMIT below
+            self._conn = conn
+            if not readonly:
+                self._setup()
+            self._check_format()
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open result store {self.path}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------------------------------------
+
+    def _check_path(self) -> None:
+        parent = self.path.resolve().parent
+        where = f"cannot open result store {self.path}"
+        if not parent.exists():
+            raise StoreError(f"{where}: directory {parent} does not exist; create it or choose another path")
+        if not parent.is_dir():
+            raise StoreError(f"{where}: {parent} is not a directory; choose a path inside a directory")
+        if self.path.is_dir():
+            raise StoreError(
+                f"{where}: it is a directory; give a file path such as {self.path / 'results.db'}"
+            )
+        if self.readonly:
+            if not self.path.exists():
+                raise StoreError(f"{where}: the file does not exist (read-only open creates nothing)")
+            return
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"{where}: directory {parent} is not writable (SQLite needs to create the store and its "
+                f"-wal / -shm files there); choose a writable directory or open with readonly=True"
+            )
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise StoreError(f"{where}: the file is read-only; make it writable or open with readonly=True")
+
+    def _setup(self) -> None:
+        conn = self._connection
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version == 0:
+                conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _check_format(self) -> None:
+        (version,) = self._connection.execute("PRAGMA user_version").fetchone()
+        if version not in (0, FORMAT_VERSION):
+            raise StoreMismatchError(
+                f"result store {self.path} has format version {version}, this code writes {FORMAT_VERSION}; "
+                f"use a new store file (or the steering version that wrote it)"
+            )
+
+    @property
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"result store {self.path} is closed; open a new ResultStore")
+        return self._conn
+
+    def _rollback(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already (SQLITE_FULL)
+                conn.execute("ROLLBACK")
+
+    def _fail(self, exc: sqlite3.Error, doing: str) -> StoreError:
+        message = str(exc)
+        hint = ""
+        if "full" in message.lower():
+            hint = "; free disk space or move the store to another disk, then rerun (done rows are kept)"
+        elif "readonly" in message.lower() or "read-only" in message.lower():
+            hint = "; the store or its directory is read-only: choose a writable location"
+        elif "locked" in message.lower() or "busy" in message.lower():
+            hint = "; another process holds the store: wait for it or use another store file"
+        return StoreError(f"result store {self.path}: {doing} failed ({message}); nothing was written{hint}")
+
+    # -- runs ------------------------------------------------------------------------------------------------
+
+    def begin_run(
+        self, run: str, spec: Mapping[str, Any], model: str, versions: Mapping[str, Any] | None = None
+    ) -> None:
+        """Register `run`, or check that an existing run has the same spec, model and format (resume)."""
+        if not run:
+            raise ValueError("run name must be a non-empty string")
+        spec_json = _canonical_json(spec, "spec")
+        digest = hashlib.sha256(spec_json.encode("utf-8")).hexdigest()
+        versions_json = _canonical_json(dict(versions or {}), "versions")
+        conn = self._connection
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            found = conn.execute(
+                "SELECT spec_hash, format_version, model FROM runs WHERE run = ?", (run,)
+            ).fetchone()
+            if found is None:
+                created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+                conn.execute(
+                    "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (run, spec_json, digest, FORMAT_VERSION, str(model), versions_json, created),
+                )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise self._fail(exc, f"registering run {run!r}") from exc
+        if found is None:
+            return
+        old_hash, old_format, old_model = found
+        problems = []
+        if old_hash != digest:
+            problems.append(f"spec hash {old_hash[:12]} != {digest[:12]}")
+        if old_format != FORMAT_VERSION:
+            problems.append(f"format version {old_format} != {FORMAT_VERSION}")
+        if old_model != str(model):
+            problems.append(f"model {old_model!r} != {model!r}")
+        if problems:
+            raise StoreMismatchError(
+                f"run {run!r} already exists in {self.path} with a different setup ({'; '.join(problems)}); "
+                f"refusing to mix results: use a new run name or a new store"
+            )
+
+    def runs(self) -> pd.DataFrame:
+        """All registered runs, one row each, with their spec and version JSON."""
+        cols = ["run", "spec_json", "spec_hash", "format_version", "model", "versions_json", "created_at"]
+        rows = self._connection.execute(f"SELECT {', '.join(cols)} FROM runs ORDER BY run").fetchall()
+        return pd.DataFrame(rows, columns=cols)
+
+    # -- rows ------------------------------------------------------------------------------------------------
+
+    def done_keys(self, run: str, *, judged_only: bool = False) -> set[tuple[Any, ...]]:
+        """Key tuples (KEY_COLUMNS order) already stored for `run`; judged_only skips NULL compliance rows."""
+        sql = f"SELECT {', '.join(KEY_COLUMNS)} FROM results WHERE run = ?"
+        if judged_only:
+            sql += " AND compliance IS NOT NULL"
+        return set(self._connection.execute(sql, (run,)).fetchall())
+
+    def write_rows(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Insert or replace `rows` in one transaction (all or nothing); returns the number written."""
+        values = [_normalise_row(row) for row in rows]
+        if not values:
+            return 0
+        if self.readonly:
+            raise StoreError(f"result store {self.path} was opened read-only; open it with readonly=False")
+        conn = self._connection
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            known = {r for (r,) in conn.execute("SELECT run FROM runs")}
+            unknown = sorted({v[0] for v in values} - known)
+            if unknown:
+                conn.execute("ROLLBACK")
+                raise ValueError(f"rows name unregistered run(s) {unknown}; call begin_run(...) first")
+            conn.executemany(
+                f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})", values
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise self._fail(exc, f"writing {len(values)} rows") from exc
+        except BaseException:
+            self._rollback()
+            raise
+        return len(values)
+
+    def frame(self, run: str | None = None) -> pd.DataFrame:
+        """Result rows as a DataFrame sorted by key (compliance NaN where unjudged), optionally of one run."""
+        sql = f"SELECT {', '.join(COLUMNS)} FROM results"
+        params: tuple[Any, ...] = ()
+        if run is not None:
+            sql += " WHERE run = ?"
+            params = (run,)
+        sql += f" ORDER BY {', '.join(KEY_COLUMNS)}"
+        rows = self._connection.execute(sql, params).fetchall()
+        df = pd.DataFrame(rows, columns=list(COLUMNS))
+        df = df.astype({"layer": "int64", "seed": "int64", "coefficient": "float64", "compliance": "float64"})
+        for col in ("run", "model", "driver", "variant", "condition", "question", "scorer", "extra"):
+            df[col] = df[col].astype(object)
+        return df
+
+    def export(self, path: str | os.PathLike[str], run: str | None = None) -> Path:
+        """Write the rows to `.parquet` or `.csv` (chosen by the file suffix); returns the path."""
+        target = Path(path)
+        suffix = target.suffix.lower()
+        if suffix not in (".parquet", ".csv"):
+            raise ValueError(f"cannot export to {target}: use a .parquet or .csv file name")
+        if not target.resolve().parent.is_dir():
+            raise StoreError(
+                f"cannot export to {target}: directory {target.parent} does not exist; create it"
+            )
+        df = self.frame(run)
+        if suffix == ".parquet":
+            df.to_parquet(target, index=False)
+        else:
+            df.to_csv(target, index=False)
+        return target
+
+    def __len__(self) -> int:
+        (count,) = self._connection.execute("SELECT COUNT(*) FROM results").fetchone()
+        return int(count)
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (idempotent); rolls back any open transaction first."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            conn.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else ("read-only" if self.readonly else "open")
+        return f"ResultStore({str(self.path)!r}, {state})"
