@@ -1,0 +1,64 @@
+"""The studies: TOML specs under ``specs/`` plus small runners built only from the layers below.
+
+``quickstart`` (what ``make demo`` runs), ``drivers``, ``strengths``, ``layers``, ``ablations`` and the ``paper``
+recipes for large models; see ``experiments/README.md``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from steering.models import SteeringModel
+from steering.report import write_report
+from steering.spec import SweepSpec
+from steering.store import ResultStore
+from steering.sweep import run_sweep
+
+
+def spec_path(name: str) -> Path:
+    """A packaged spec by name (``quickstart``, ``strengths``, ...) or a path to a TOML file."""
+    if Path(name).suffix == ".toml" or Path(name).exists():
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ValueError(f"spec file {path} does not exist")
+        return path
+    packaged = resources.files("steering.experiments") / "specs" / f"{name}.toml"
+    if not packaged.is_file():
+        names = sorted(p.name[:-5] for p in (resources.files("steering.experiments") / "specs").iterdir())
+        raise ValueError(f"unknown spec {name!r}; packaged specs: {', '.join(names)}")
+    return Path(str(packaged))
+
+
+def load_rows(store_or_spec: str | Path, run: str | None = None) -> pd.DataFrame:
+    """All rows of a store (a .sqlite file, or the store a spec names), optionally one run."""
+    path = Path(store_or_spec)
+    if path.suffix == ".toml":
+        spec = SweepSpec.from_toml(path)
+        path, run = spec.store_path, run or spec.name
+    if not path.exists():
+        raise ValueError(f"result store {path} does not exist; run the sweep first")
+    with ResultStore(path) as store:
+        rows = store.frame(run)
+    if rows.empty:
+        raise ValueError(f"no rows for run {run!r} in {path}")
+    return rows
+
+
+def report_store(store_or_spec: str | Path, run: str | None = None, out: str | Path | None = None) -> dict[str, Path]:
+    """Write the Markdown report and plots for a store (default folder: ``reports/<store stem>``)."""
+    rows = load_rows(store_or_spec, run)
+    out = Path(out) if out else Path("reports") / Path(store_or_spec).stem
+    return write_report(rows, out, title=f"Compliance gap: {', '.join(sorted(rows.run.unique()))}")
+
+
+def run_spec(spec: str | Path | SweepSpec, model: SteeringModel | None = None, report_dir: str | Path | None = None):
+    """Run (or resume) a sweep spec and optionally write its report; returns the rows."""
+    if not isinstance(spec, SweepSpec):
+        spec = SweepSpec.from_toml(spec_path(str(spec)))
+    rows = run_sweep(spec, model=model)
+    if report_dir is not None:
+        write_report(rows, report_dir, title=f"Compliance gap: {spec.name}")
+    return rows

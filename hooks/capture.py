@@ -56,12 +56,22 @@ class At:
         return cls(span=(torch.as_tensor(start, dtype=torch.long), torch.as_tensor(end, dtype=torch.long)))
 
 
+def padded_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> dict[str, Tensor]:
+    """Forward kwargs with ``position_ids`` from the mask, so a padded row sees the positions it has alone
+    (absolute-position models such as GPT-2 otherwise shift left-padded rows)."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if attention_mask is not None:
+        inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return inputs
+
+
 class _Stop(Exception):
     """Raised by the last capture hook to skip the rest of the forward pass."""
 
 
 def _select(hidden: Tensor, pos: Tensor, at: At) -> Tensor:
     """Gather [B, k, d] (or [B, d]) from ``hidden`` [B, T, d] at row positions ``at`` given ``pos`` [B, T]."""
+    pos = pos.to(hidden.device)
     lengths = pos.max(dim=1).values + 1  # [B] real tokens per row
     if at.span is not None:
         start, end = (x.to(pos.device) for x in at.span)
@@ -114,7 +124,7 @@ def capture(
     try:
         handles += [blocks[i].register_forward_hook(make_hook(i)) for i in wanted]
         with torch.no_grad(), contextlib.suppress(_Stop):
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(**padded_inputs(input_ids, attention_mask), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -132,8 +142,8 @@ def mean_norms(
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
-            keep = (tracker.positions >= 1).to(torch.float32)
             per_token = hidden_of(output).detach().float().norm(dim=-1)
+            keep = (tracker.positions.to(per_token.device) >= 1).to(torch.float32)
             norms[index] = float((per_token * keep).sum() / keep.sum().clamp(min=1))
 
         return hook
@@ -142,7 +152,7 @@ def mean_norms(
     try:
         handles += [block.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
         with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(**padded_inputs(input_ids, attention_mask), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -78,7 +78,7 @@ class Intervention:
         if self.is_noop:
             return hidden
         vector, coef = self._on(hidden)
-        weight = mask.to(hidden.dtype)  # [B, T]
+        weight = mask.to(device=hidden.device, dtype=hidden.dtype)  # [B, T]
         if isinstance(coef, Tensor):
             if coef.shape[0] != hidden.shape[0]:
                 raise ValueError(

@@ -33,9 +33,7 @@ def is_control(name: object) -> bool:
 def _need(df: pd.DataFrame, cols: Sequence[str]) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise ValueError(
-            f"results frame lacks column(s) {missing}; pass rows as returned by ResultStore.frame()"
-        )
+        raise ValueError(f"results frame lacks column(s) {missing}; pass rows as returned by ResultStore.frame()")
 
 
 def _ctx_of(frame: pd.DataFrame) -> list[str]:
@@ -221,12 +219,8 @@ def layer_table(
         raise ValueError(f"value {value!r} is not a gap_curves column; choose one of {list(curves.columns)}")
     sub = curves[curves["driver"] == driver]
     if sub.empty:
-        raise ValueError(
-            f"driver {driver!r} not in the results; drivers present: {sorted(curves['driver'].unique())}"
-        )
-    return sub.pivot_table(
-        index=[*_ctx_of(curves), "layer"], columns="coefficient", values=value, aggfunc="first"
-    )
+        raise ValueError(f"driver {driver!r} not in the results; drivers present: {sorted(curves['driver'].unique())}")
+    return sub.pivot_table(index=[*_ctx_of(curves), "layer"], columns="coefficient", values=value, aggfunc="first")
 
 
 # -- logistic decomposition ----------------------------------------------------------------------------------
@@ -272,29 +266,19 @@ def _term_name(driver: str, layer: int, per_layer: bool) -> str:
     return f"{name}@L{layer}" if per_layer else name
 
 
-def _decompose_one(
-    df: pd.DataFrame, per_layer: bool, controls: str, cluster: str | None, level: float
-) -> pd.DataFrame:
+def _decompose_one(df: pd.DataFrame, per_layer: bool, controls: str, cluster: str | None, level: float) -> pd.DataFrame:
     rows = df[df["compliance"].notna()]
     if controls == "exclude":
         rows = rows[~rows["driver"].map(is_control).astype(bool)]
     if rows.empty:
-        raise ValueError(
-            "no judged rows to decompose; score the results first (compliance is NULL everywhere)"
-        )
+        raise ValueError("no judged rows to decompose; score the results first (compliance is NULL everywhere)")
     y = rows["compliance"].to_numpy(dtype=float)
     mon = (rows["condition"] == "monitored").to_numpy(dtype=float)
     coef = rows["coefficient"].to_numpy(dtype=float)
     steered = (rows["driver"] != BASELINE_DRIVER).to_numpy() & (coef != 0)
     cells = rows[["driver", "layer"]].drop_duplicates()
-    cells = cells.assign(
-        term=[_term_name(d, int(lay), per_layer) for d, lay in zip(cells["driver"], cells["layer"])]
-    )
-    names = (
-        rows[["driver", "layer"]]
-        .merge(cells, on=["driver", "layer"], how="left")["term"]
-        .to_numpy(dtype=object)
-    )
+    cells = cells.assign(term=[_term_name(d, int(lay), per_layer) for d, lay in zip(cells["driver"], cells["layer"])])
+    names = rows[["driver", "layer"]].merge(cells, on=["driver", "layer"], how="left")["term"].to_numpy(dtype=object)
     terms = sorted({n for n, s in zip(names, steered) if s})
 
     columns = [np.ones_like(y), mon]
@@ -317,9 +301,7 @@ def _decompose_one(
     groups = None if cluster is None else pd.factorize(rows[cluster])[0]
     beta, cov, converged = fit_fractional_logit(X, y, groups)
     if not converged:
-        warnings.warn(
-            "decomposition did not converge (separation?); estimates may be unreliable", stacklevel=3
-        )
+        warnings.warn("decomposition did not converge (separation?); estimates may be unreliable", stacklevel=3)
     se = np.sqrt(np.clip(np.diag(cov), 0, None))
     with np.errstate(divide="ignore", invalid="ignore"):
         z = beta / se
@@ -455,9 +437,7 @@ def simulate_rows(
                 if unjudged > 0:
                     comp = np.where(rng.random(n_questions) < unjudged, np.nan, comp)
                 for q in range(n_questions):
-                    records.append(
-                        (run, model, drv, lay, c, variant, cond, f"q{q:03d}", int(sd), scorer, comp[q])
-                    )
+                    records.append((run, model, drv, lay, c, variant, cond, f"q{q:03d}", int(sd), scorer, comp[q]))
     cols = [
         "run",
         "model",

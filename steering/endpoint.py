@@ -58,9 +58,7 @@ class OpenAIChatClient:
         extra_body: Mapping[str, Any] | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ValueError(
-                f"url {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)"
-            )
+            raise ValueError(f"url {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
         if timeout <= 0 or max_retries < 0 or backoff < 0 or concurrency < 1:
             raise ValueError(
                 "need timeout > 0, max_retries >= 0, backoff >= 0 and concurrency >= 1; "

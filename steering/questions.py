@@ -51,22 +51,17 @@ def load_questions(
     if columns is not None:
         unknown = set(columns) - set(FIELDS)
         if unknown:
-            raise ValueError(
-                f"columns has unknown fields {sorted(unknown)}; our fields are {', '.join(FIELDS)}"
-            )
+            raise ValueError(f"columns has unknown fields {sorted(unknown)}; our fields are {', '.join(FIELDS)}")
     mapping = {field: field for field in FIELDS} | dict(columns or {})
     text, source, suffix = _read(path_or_name)
     rows = _jsonl_rows(text, source) if suffix == ".jsonl" else _csv_rows(text, source)
     questions: list[Question] = []
     seen: dict[str, int] = {}
     for index, (line, row) in enumerate(rows, start=1):
-        question = _question(
-            row, mapping, require_answers, f"{source}:{line}", f"{Path(source).stem}-{index:04d}"
-        )
+        question = _question(row, mapping, require_answers, f"{source}:{line}", f"{Path(source).stem}-{index:04d}")
         if question.id in seen:
             raise ValueError(
-                f"{source}:{line}: duplicate id {question.id!r} (first on line {seen[question.id]}); "
-                "ids must be unique"
+                f"{source}:{line}: duplicate id {question.id!r} (first on line {seen[question.id]}); ids must be unique"
             )
         seen[question.id] = line
         questions.append(question)
@@ -79,9 +74,7 @@ def _subset(questions: list[Question], n: int | None, seed: int | None, source: 
     if n is None:
         return questions
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(questions):
-        raise ValueError(
-            f"n={n!r} is out of range; {source} has {len(questions)} questions, pick 1..{len(questions)}"
-        )
+        raise ValueError(f"n={n!r} is out of range; {source} has {len(questions)} questions, pick 1..{len(questions)}")
     if seed is None:
         return questions[:n]
     keep = sorted(random.Random(seed).sample(range(len(questions)), n))
@@ -99,9 +92,7 @@ def _read(path_or_name: str | Path) -> tuple[str, str, str]:
         if path.suffix.lower() not in _EXTENSIONS:
             raise ValueError(f"{path}: unsupported file type; use one of {', '.join(_EXTENSIONS)}")
         if not path.is_file():
-            raise ValueError(
-                f"question file {str(path)!r} does not exist; pass an existing .jsonl or .csv path"
-            )
+            raise ValueError(f"question file {str(path)!r} does not exist; pass an existing .jsonl or .csv path")
         return path.read_text(encoding="utf-8-sig"), str(path), path.suffix.lower()
     key = text.replace("-", "_")
     resource = _data_dir().joinpath(f"{key}.jsonl")
@@ -162,9 +153,7 @@ def _question(
     required = ("question", *_ANSWERS) if require_answers else ("question",)
     missing = [mapping[f] for f in required if values[f] is None]
     if missing:
-        hint = (
-            " (or load with require_answers=False)" if set(missing) & {mapping[a] for a in _ANSWERS} else ""
-        )
+        hint = " (or load with require_answers=False)" if set(missing) & {mapping[a] for a in _ANSWERS} else ""
         raise ValueError(
             f"{where}: missing or empty field(s) {', '.join(map(repr, missing))}; add them or map other "
             f"columns with columns={{...}}{hint}"

@@ -147,13 +147,9 @@ def plot_heatmap(curves: pd.DataFrame, driver: str) -> Figure:
     _single_context(curves, "plot_heatmap")
     sub = curves[curves["driver"] == driver]
     if sub.empty:
-        raise ValueError(
-            f"driver {driver!r} not in the curves; drivers present: {sorted(curves['driver'].unique())}"
-        )
+        raise ValueError(f"driver {driver!r} not in the curves; drivers present: {sorted(curves['driver'].unique())}")
     gap = sub.pivot_table(index="layer", columns="coefficient", values="gap", aggfunc="first")
-    pval = sub.pivot_table(index="layer", columns="coefficient", values="p", aggfunc="first").reindex_like(
-        gap
-    )
+    pval = sub.pivot_table(index="layer", columns="coefficient", values="p", aggfunc="first").reindex_like(gap)
     values = gap.to_numpy(dtype=float)
     vmax = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     vmax = vmax if vmax > 0 else 1.0
@@ -194,9 +190,7 @@ def plot_compliance_by_condition(df: pd.DataFrame) -> Figure:
     rows = rows[rows["driver"] != BASELINE_DRIVER]
     if rows.empty:
         raise ValueError("no steered rows to plot (only the 'none' baseline); run a sweep with drivers first")
-    rows = rows.assign(
-        panel=rows["driver"].map(lambda d: "random controls (mean)" if is_control(d) else str(d))
-    )
+    rows = rows.assign(panel=rows["driver"].map(lambda d: "random controls (mean)" if is_control(d) else str(d)))
     table = compliance_by_condition(rows, by=["panel", "driver", "layer", "coefficient"])
     table = table.groupby(["panel", "layer", "coefficient", "condition"], as_index=False)["compliance"].mean()
     panels = sorted(table["panel"].unique(), key=lambda p: (p.startswith("random"), p))

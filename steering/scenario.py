@@ -75,8 +75,7 @@ class Setting:
         """The rendered system-prompt components of a variant, by name, in prompt order."""
         components, variables = self.resolve(variant)
         return {
-            c.name: _fill(c.render(scratchpad), variables, f"{self.source}: component {c.name!r}")
-            for c in components
+            c.name: _fill(c.render(scratchpad), variables, f"{self.source}: component {c.name!r}") for c in components
         }
 
     def system_prompt(self, variant: str = BASE, scratchpad: bool = True) -> str:
@@ -109,9 +108,7 @@ class Setting:
 
     def _split(self, variant: str) -> list[str]:
         if not isinstance(variant, str) or not variant.strip():
-            raise ValueError(
-                f"variant must be a non-empty string; valid variants: {', '.join(self.variants)}"
-            )
+            raise ValueError(f"variant must be a non-empty string; valid variants: {', '.join(self.variants)}")
         parts = [p.strip() for p in variant.split("+")]
         for part in parts:
             if part != BASE and part not in self.variant_edits:
@@ -223,9 +220,7 @@ def _build(raw: Mapping[str, Any], source: str) -> Setting:
     names = [c.name for c in components]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(
-            f"{source}: duplicate component names {duplicates}; give each component its own name"
-        )
+        raise ValueError(f"{source}: duplicate component names {duplicates}; give each component its own name")
     variables = _string_table(raw.get("vars", {}), f"{source}: [vars]")
     cue = raw.get("cue", {})
     template = cue.get("template")
@@ -234,9 +229,7 @@ def _build(raw: Mapping[str, Any], source: str) -> Setting:
     flags = {}
     for condition in CONDITIONS:
         if not isinstance(cue.get(condition), str):
-            raise ValueError(
-                f"{source}: [cue] needs a string `{condition}` (the flag shown in that condition)"
-            )
+            raise ValueError(f"{source}: [cue] needs a string `{condition}` (the flag shown in that condition)")
         flags[condition] = cue[condition]
     variants = raw.get("variants", {})
     for name, edits in variants.items():
@@ -295,9 +288,7 @@ def _index(components: Sequence[Component], name: str, where: str, action: str) 
     )
 
 
-def _apply_edits(
-    components: list[Component], variables: dict[str, str], edits: Mapping[str, Any], where: str
-) -> None:
+def _apply_edits(components: list[Component], variables: dict[str, str], edits: Mapping[str, Any], where: str) -> None:
     """Apply one variant's own edits in place: replace, then remove, then add, then vars."""
     replace = edits.get("replace", {})
     if not isinstance(replace, Mapping):
@@ -319,9 +310,7 @@ def _apply_edits(
     for item in add:
         new = _component(item, where)
         if any(c.name == new.name for c in components):
-            raise ValueError(
-                f"{where}: cannot add {new.name!r}: a component of that name exists; use `replace`"
-            )
+            raise ValueError(f"{where}: cannot add {new.name!r}: a component of that name exists; use `replace`")
         if "after" in item and "before" in item:
             raise ValueError(f"{where}: component {new.name!r} has both `after` and `before`; keep one")
         if "after" in item:

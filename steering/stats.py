@@ -53,18 +53,14 @@ def default_by(df: pd.DataFrame) -> list[str]:
 def _check(df: pd.DataFrame) -> None:
     missing = [c for c in _NEEDED if c not in df.columns]
     if missing:
-        raise ValueError(
-            f"results frame lacks column(s) {missing}; pass rows as returned by ResultStore.frame()"
-        )
+        raise ValueError(f"results frame lacks column(s) {missing}; pass rows as returned by ResultStore.frame()")
     bad = set(df["condition"].unique()) - set(CONDITIONS)
     if bad:
         raise ValueError(f"condition values must be {CONDITIONS}; found {sorted(map(str, bad))}")
     comp = df["compliance"].to_numpy(dtype=float)
     finite = comp[~np.isnan(comp)]
     if finite.size and (finite.min() < 0 or finite.max() > 1):
-        raise ValueError(
-            "compliance must lie in [0, 1] (or be NaN for unjudged rows); rescale the scorer output"
-        )
+        raise ValueError("compliance must lie in [0, 1] (or be NaN for unjudged rows); rescale the scorer output")
 
 
 def _cell_matrices(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[Any], list[Any]]:
@@ -119,18 +115,14 @@ def unit_gaps(df: pd.DataFrame, unit: str = "auto") -> tuple[pd.Series, str]:
     return (per_seed_gaps(df) if unit == "seed" else per_question_gaps(df)), unit
 
 
-def _bootstrap_ci(
-    mon: np.ndarray, unm: np.ndarray, n_boot: int, seed: int, level: float
-) -> tuple[float, float]:
+def _bootstrap_ci(mon: np.ndarray, unm: np.ndarray, n_boot: int, seed: int, level: float) -> tuple[float, float]:
     """Percentile CI of the gap, resampling question ids (one draw for both conditions: pairs stay paired)."""
     n_q = mon.shape[0]
     if n_boot <= 0 or n_q == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_q, size=(n_boot, n_q)) + n_q * np.arange(n_boot)[:, None]
-    weights = (
-        np.bincount(draws.ravel(), minlength=n_boot * n_q).reshape(n_boot, n_q).astype(float)
-    )  # [B, n_q]
+    weights = np.bincount(draws.ravel(), minlength=n_boot * n_q).reshape(n_boot, n_q).astype(float)  # [B, n_q]
     n_s = mon.shape[1]
     stacked = np.concatenate([np.nan_to_num(mon), ~np.isnan(mon), np.nan_to_num(unm), ~np.isnan(unm)], axis=1)
     # einsum, not @: a tiny BLAS call per cell thrashes threads on a busy machine

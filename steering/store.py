@@ -146,9 +146,7 @@ class ResultStore:
     Open with `readonly=True` to read a store (e.g. while a sweep writes it) without creating anything.
     """
 
-    def __init__(
-        self, path: str | os.PathLike[str], *, readonly: bool = False, timeout: float = 30.0
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self._conn: sqlite3.Connection | None = None
@@ -180,9 +178,7 @@ class ResultStore:
         if not parent.is_dir():
             raise StoreError(f"{where}: {parent} is not a directory; choose a path inside a directory")
         if self.path.is_dir():
-            raise StoreError(
-                f"{where}: it is a directory; give a file path such as {self.path / 'results.db'}"
-            )
+            raise StoreError(f"{where}: it is a directory; give a file path such as {self.path / 'results.db'}")
         if self.readonly:
             if not self.path.exists():
                 raise StoreError(f"{where}: the file does not exist (read-only open creates nothing)")
@@ -258,9 +254,7 @@ class ResultStore:
         conn = self._connection
         try:
             conn.execute("BEGIN IMMEDIATE")
-            found = conn.execute(
-                "SELECT spec_hash, format_version, model FROM runs WHERE run = ?", (run,)
-            ).fetchone()
+            found = conn.execute("SELECT spec_hash, format_version, model FROM runs WHERE run = ?", (run,)).fetchone()
             if found is None:
                 created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
                 conn.execute(
@@ -318,9 +312,7 @@ class ResultStore:
             if unknown:
                 conn.execute("ROLLBACK")
                 raise ValueError(f"rows name unregistered run(s) {unknown}; call begin_run(...) first")
-            conn.executemany(
-                f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})", values
-            )
+            conn.executemany(f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({placeholders})", values)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -352,9 +344,7 @@ class ResultStore:
         if suffix not in (".parquet", ".csv"):
             raise ValueError(f"cannot export to {target}: use a .parquet or .csv file name")
         if not target.resolve().parent.is_dir():
-            raise StoreError(
-                f"cannot export to {target}: directory {target.parent} does not exist; create it"
-            )
+            raise StoreError(f"cannot export to {target}: directory {target.parent} does not exist; create it")
         df = self.frame(run)
         if suffix == ".parquet":
             df.to_parquet(target, index=False)

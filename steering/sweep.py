@@ -150,8 +150,8 @@ def run_sweep(
         spec.store_path.parent.mkdir(parents=True, exist_ok=True)  # the default runs/ folder
     store = store or ResultStore(spec.store_path)
     try:
+        vectors = resolve_vectors(spec, model, progress)  # before registering: a bad spec leaves no trace
         store.begin_run(spec.name, spec.to_dict(), model.name, library_versions())
-        vectors = resolve_vectors(spec, model, progress)
         cells = [BASELINE, *build_cells(spec, vectors, model)]
         zero_cells = _zero_cells(spec, vectors)
         scorer = ForcedChoiceScorer(model, spec.setting)

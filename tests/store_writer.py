@@ -46,9 +46,7 @@ def main(argv: list[str]) -> None:
         store.begin_run(RUN, {"grid": "kill-test", "n": len(rows)}, MODEL, {"python": sys.version.split()[0]})
         done = store.done_keys(RUN)
         for start in range(0, len(rows), batch_size):
-            batch = [
-                r for r in rows[start : start + batch_size] if tuple(r[c] for c in KEY_COLUMNS) not in done
-            ]
+            batch = [r for r in rows[start : start + batch_size] if tuple(r[c] for c in KEY_COLUMNS) not in done]
             if batch:
                 store.write_rows(batch)
                 time.sleep(sleep)

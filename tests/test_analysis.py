@@ -29,9 +29,7 @@ def test_is_control():
 
 
 def test_attach_baseline_fills_coefficient_zero_only_where_missing():
-    df = simulate_rows(
-        {"values": (0, 0)}, layers=(3, 5), coefficients=(4.0,), n_controls=1, n_questions=3, seeds=(0,)
-    )
+    df = simulate_rows({"values": (0, 0)}, layers=(3, 5), coefficients=(4.0,), n_controls=1, n_questions=3, seeds=(0,))
     out = attach_baseline(df)
     base = df[df.driver == "none"]
     zeros = out[(out.driver != "none") & (out.coefficient == 0)]
@@ -57,9 +55,7 @@ def test_gap_curves_follow_planted_gap():
 
 def test_steerability_slope_and_rank():
     drivers = {"up": (0.0, 0.08), "flat": (0.0, 0.0)}
-    df = simulate_rows(
-        drivers, coefficients=(-8.0, -4.0, 4.0, 8.0), n_controls=0, n_questions=60, seeds=range(5)
-    )
+    df = simulate_rows(drivers, coefficients=(-8.0, -4.0, 4.0, 8.0), n_controls=0, n_questions=60, seeds=range(5))
     table = steerability(df).set_index("driver")
     up, flat = table.loc["up"], table.loc["flat"]
     assert up["unit"] == "seed" and up["n_obs"] == 25 and up["n_coefficients"] == 5
@@ -74,9 +70,7 @@ def test_steerability_slope_and_rank():
 
 
 def test_slope_matches_hand_ols():
-    df = simulate_rows(
-        {"d": (0.0, 0.05)}, coefficients=(2.0, 6.0), n_controls=0, n_questions=20, seeds=(0, 1, 2)
-    )
+    df = simulate_rows({"d": (0.0, 0.05)}, coefficients=(2.0, 6.0), n_controls=0, n_questions=20, seeds=(0, 1, 2))
     table = steerability(df).iloc[0]
     from steering.stats import per_seed_gaps
 

@@ -20,7 +20,7 @@ def record_outputs(model: torch.nn.Module, ids, mask) -> list[torch.Tensor]:
     ]
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     finally:
         for h in handles:
             h.remove()

@@ -130,9 +130,7 @@ def test_compliance_plot_panels(rows):
 
 
 def test_multiple_contexts_split_into_sections(tmp_path):
-    small = simulate_rows(
-        {"values": (0.0, 0.1)}, layers=(4,), coefficients=(4.0,), n_controls=1, n_questions=5
-    )
+    small = simulate_rows({"values": (0.0, 0.1)}, layers=(4,), coefficients=(4.0,), n_controls=1, n_questions=5)
     both = pd.concat([small, small.assign(variant="informative")], ignore_index=True)
     paths = write_report(both, tmp_path, n_boot=0, dpi=40)
     assert "gap_vs_coefficient_base" in paths and "gap_vs_coefficient_informative" in paths
@@ -165,7 +163,5 @@ def test_markdown_table_format():
         }
     )
     text = markdown_table(df)
-    assert (
-        text.splitlines()[0] == "| driver | coefficient | gap | p | outside | coefficients_outside | ci_low |"
-    )
+    assert text.splitlines()[0] == "| driver | coefficient | gap | p | outside | coefficients_outside | ci_low |"
     assert text.splitlines()[2] == "| a\\|b | 4 | 0.123 | 0.00012 | yes | 2, 8 |  |"

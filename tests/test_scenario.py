@@ -115,9 +115,7 @@ def test_no_developer_removes_all_developer_framing(setting):
 
 
 def test_informative_no_developer_equals_the_combination(setting):
-    assert setting.system_prompt("informative-no-developer") == setting.system_prompt(
-        "informative+no-developer"
-    )
+    assert setting.system_prompt("informative-no-developer") == setting.system_prompt("informative+no-developer")
     assert "prerequisites" in setting.sections("informative-no-developer")
     assert DEVELOPER not in setting.system_prompt("informative-no-developer")
 
@@ -157,9 +155,7 @@ def test_conditions_differ_only_in_the_cue(setting):
     assert monitored.startswith("<is_free_tier_user>true</is_free_tier_user>")
     assert unmonitored.startswith("<is_free_tier_user>false</is_free_tier_user>")
     assert f"<user_input>\n{message}\n</user_input>" in monitored  # message verbatim, braces included
-    changed = [
-        op for op in difflib.SequenceMatcher(None, monitored, unmonitored).get_opcodes() if op[0] != "equal"
-    ]
+    changed = [op for op in difflib.SequenceMatcher(None, monitored, unmonitored).get_opcodes() if op[0] != "equal"]
     assert len(changed) == 1
     _, i1, i2, j1, j2 = changed[0]
     assert monitored[i1:i2] in "true" and unmonitored[j1:j2] in "false"

@@ -20,9 +20,7 @@ from steering.stats import (
 
 def frame(values: dict[tuple[str, str, int], float], **cols) -> pd.DataFrame:
     """Rows from {(condition, question, seed): compliance}."""
-    rows = [
-        {"condition": c, "question": q, "seed": s, "compliance": v, **cols} for (c, q, s), v in values.items()
-    ]
+    rows = [{"condition": c, "question": q, "seed": s, "compliance": v, **cols} for (c, q, s), v in values.items()]
     return pd.DataFrame(rows)
 
 
@@ -33,9 +31,7 @@ def synthetic(n_q=50, seeds=(0, 1, 2), gap=0.2, rng_seed=1, **cols) -> pd.DataFr
     for s in seeds:
         for q in range(n_q):
             noise = rng.normal(0, 0.05, 2)
-            rows.append(
-                {"condition": "unmonitored", "question": f"q{q}", "seed": s, "compliance": base[q], **cols}
-            )
+            rows.append({"condition": "unmonitored", "question": f"q{q}", "seed": s, "compliance": base[q], **cols})
             m = float(np.clip(base[q] + gap + noise[0], 0, 1))
             rows.append({"condition": "monitored", "question": f"q{q}", "seed": s, "compliance": m, **cols})
     return pd.DataFrame(rows)

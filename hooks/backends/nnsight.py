@@ -26,10 +26,10 @@ INPUT_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "position_ids")
 
 
 def is_nnsight(obj: object) -> bool:
-    """True for an nnsight model wrapper (``LanguageModel`` / ``TransformersModel`` / ``NNsight``)."""
+    """True for a top-level nnsight model (``TransformersModel``, ``LanguageModel``, ``NNsight``), not a submodule."""
     module = sys.modules.get("nnsight")
-    cls = getattr(module, "NNsight", None) if module is not None else None
-    return cls is not None and isinstance(obj, cls)
+    cls = getattr(module, "Envoy", None) if module is not None else None
+    return cls is not None and isinstance(obj, cls) and getattr(obj, "_parent", None) is None
 
 
 def hf_model(lm) -> nn.Module:
@@ -75,8 +75,9 @@ def _read_positions(lm, stack, trackers: Sequence[PositionTracker]) -> None:
         tracker(None, args, kwargs)
 
 
-def _edit_layers(blocks, plans: Sequence[Plan], upto: int | None = None, capture=None) -> None:
-    """Rewrite each planned layer's output in ascending order; ``capture(layer, hidden)`` sees the result."""
+def _edit_layers(blocks, plans: Sequence[Plan], upto: int | None = None, capture: tuple | None = None) -> None:
+    """Rewrite each planned layer's output in ascending order; ``capture`` = (layers, dict, tracker, At) stores
+    the (edited) residual stream of those layers at those positions."""
     wanted = sorted({i for plan in plans for i in plan.layers} | set(capture[0] if capture else ()))
     for i in wanted:
         if upto is not None and i > upto:
@@ -90,7 +91,7 @@ def _edit_layers(blocks, plans: Sequence[Plan], upto: int | None = None, capture
         if edited is not hidden:
             block.output = _replace_hidden(output, edited)
         if capture and i in capture[0]:
-            capture[1](i, edited)
+            capture[1][i] = select(edited, capture[2], capture[3])
 
 
 def _trace_kwargs(remote: bool) -> dict:
@@ -107,12 +108,11 @@ def forward(lm, plans: Sequence[Plan], args: tuple, kwargs: dict, layers_path: s
     import nnsight
 
     stack, blocks, _ = _envoys(lm, layers_path)
-    saved: dict = {}
     with lm.trace(*args, **kwargs, **_trace_kwargs(remote)):
         _read_positions(lm, stack, [plan.tracker for plan in plans])
         _edit_layers(blocks, plans)
-        saved["output"] = nnsight.save(lm.output)
-    return saved["output"]
+        output = nnsight.save(lm.output)
+    return output
 
 
 def generate(lm, plans: Sequence[Plan], args: tuple, kwargs: dict, layers_path: str | None = None, remote=False):
@@ -130,7 +130,6 @@ def generate(lm, plans: Sequence[Plan], args: tuple, kwargs: dict, layers_path: 
         raise ValueError("nnsight generation needs a bound on the steps: pass max_new_tokens=N")
     stack, blocks, _ = _envoys(lm, layers_path)
     trackers = [plan.tracker for plan in plans]
-    saved: dict = {}
     with warnings.catch_warnings():
         # nnsight warns when the step loop asks for more steps than a run made (all rows hit EOS): expected here.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
@@ -141,8 +140,8 @@ def generate(lm, plans: Sequence[Plan], args: tuple, kwargs: dict, layers_path: 
                         _read_positions(lm, stack, trackers)
                         _edit_layers(blocks, plans)
             with tracer.invoke():
-                saved["ids"] = nnsight.save(tracer.result)
-    return saved["ids"]
+                ids = nnsight.save(tracer.result)
+    return ids
 
 
 def capture(
@@ -163,18 +162,14 @@ def capture(
     wanted = capture_layers(layers, n)
     spec = At.parse(at, input_ids.shape[0])
     tracker = PositionTracker()
-    saved: dict = {}
     inputs = {"input_ids": input_ids}
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask
-
-    def keep(index: int, hidden: Tensor) -> None:
-        saved[index] = nnsight.save(select(hidden, tracker, spec))
-
     trackers = [tracker, *(plan.tracker for plan in plans)]
     with torch.no_grad(), lm.trace(inputs, use_cache=False, **_trace_kwargs(remote)) as tracer:
+        saved = nnsight.save({})
         _read_positions(lm, stack, trackers)
-        _edit_layers(blocks, plans, upto=wanted[-1], capture=(wanted, keep))
+        _edit_layers(blocks, plans, upto=wanted[-1], capture=(wanted, saved, tracker, spec))
         tracer.stop()
     return {int(i): saved[int(i) % n] for i in layers}
 
@@ -188,16 +183,14 @@ def mean_norms(
 
     stack, blocks, n = _envoys(lm, layers_path)
     tracker = PositionTracker()
-    saved: dict = {}
     inputs = {"input_ids": input_ids}
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask
     with torch.no_grad(), lm.trace(inputs, use_cache=False, **_trace_kwargs(remote)):
+        norms = nnsight.save([])
         _read_positions(lm, stack, [tracker])
-        norms = []
         for i in range(n):
             hidden = hidden_of(blocks[i].output).detach().float()
             keep = (tracker.positions.to(hidden.device) >= 1).to(torch.float32)
             norms.append(((hidden.norm(dim=-1) * keep).sum() / keep.sum().clamp(min=1)).cpu())
-        saved["norms"] = nnsight.save(torch.stack(norms))
-    return saved["norms"]
+    return torch.stack(norms)

@@ -1,0 +1,105 @@
+"""Measure the compliance gap of one prompt variant: forced choice (fast, exact) or generation + judge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from steering.compliance import ForcedChoiceScorer
+from steering.judge import KeywordJudge, RubricJudge
+from steering.models import SteeringModel
+from steering.questions import load_questions
+from steering.scenario import CONDITIONS, load_setting
+from steering.stats import gap_stats
+
+ChatFn = Callable[[list[list[dict]]], list[str | None]]
+
+
+def local_chat_fn(model: SteeringModel, max_new_tokens: int = 96, batch_size: int = 8) -> ChatFn:
+    """Adapt a loaded model to the judges' ``chat_fn`` (batch of conversations -> reply strings), greedy."""
+
+    def chat(batch: list[list[dict]]) -> list[str | None]:
+        replies: list[str | None] = []
+        for lo in range(0, len(batch), batch_size):
+            replies += model.generate(batch[lo : lo + batch_size], max_new_tokens=max_new_tokens)
+        return replies
+
+    return chat
+
+
+def make_judge(kind: str = "keyword", judge_model: SteeringModel | None = None, url: str | None = None, **kw):
+    """A judge: ``keyword`` heuristic, ``local`` (a loaded model with our rubric) or ``endpoint`` (OpenAI-style)."""
+    if kind == "keyword":
+        return KeywordJudge()
+    if kind == "local":
+        if judge_model is None:
+            raise ValueError("judge='local' needs a judge model: pass --judge-model (a hub id, folder or 'default')")
+        return RubricJudge(local_chat_fn(judge_model))
+    if kind == "endpoint":
+        if not url:
+            raise ValueError("judge='endpoint' needs --judge-url (an OpenAI-compatible base URL, e.g. http://host/v1)")
+        from steering.endpoint import OpenAIChatClient
+
+        return RubricJudge(OpenAIChatClient(url, kw.get("judge_name") or "judge"))
+    raise ValueError(f"unknown judge {kind!r}; use keyword, local or endpoint")
+
+
+def judged_rows(
+    model: SteeringModel,
+    variant: str,
+    questions,
+    judge,
+    conditions: Sequence[str] = CONDITIONS,
+    seed: int = 0,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    batch_size: int = 8,
+    setting: str = "animal_welfare",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Generate with the hidden scratchpad, judge each output; one row per (question, condition)."""
+    scenario = load_setting(setting)
+    items = [(q, c) for q in questions for c in conditions]
+    texts: list[str] = []
+    for lo in tqdm(range(0, len(items), batch_size), desc="generate", disable=not progress, leave=False):
+        chunk = items[lo : lo + batch_size]
+        prompts = [scenario.messages(q.question, c, variant, scratchpad=True) for q, c in chunk]
+        texts += model.generate(prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed + lo)
+    verdicts = judge(texts, [q.question for q, _ in items])
+    return pd.DataFrame(
+        [
+            {"question": q.id, "condition": c, "seed": seed, "compliance": v.compliance, "response": t}
+            for (q, c), v, t in zip(items, verdicts, texts)
+        ]
+    )
+
+
+def measure_gap(
+    model: SteeringModel,
+    variant: str = "base",
+    scorer: str = "forced-choice",
+    n: int | None = 50,
+    seeds: Sequence[int] = (0,),
+    judge=None,
+    questions: str = "animal_welfare",
+    setting: str = "animal_welfare",
+    progress: bool = True,
+    **judge_kw,
+) -> tuple[pd.DataFrame, dict]:
+    """Rows (question, condition, seed, compliance) and gap statistics (``steering.stats.gap_stats``)."""
+    frames = []
+    for seed in seeds:
+        qs = load_questions(questions, n=n, seed=seed if len(seeds) > 1 else None)
+        if scorer == "forced-choice":
+            frame = ForcedChoiceScorer(model, setting).score(qs, variant, progress=progress)
+        elif scorer == "judge":
+            frame = judged_rows(model, variant, qs, judge or KeywordJudge(), seed=seed, setting=setting, **judge_kw)
+        else:
+            raise ValueError(f"unknown scorer {scorer!r}; use forced-choice or judge")
+        frames.append(frame.assign(seed=seed))
+    rows = pd.concat(frames, ignore_index=True)
+    with torch.no_grad():
+        return rows, gap_stats(rows)

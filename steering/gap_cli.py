@@ -1,0 +1,65 @@
+"""``steering gap``: compliance per condition and the gap with its CI, for one prompt variant."""
+
+from __future__ import annotations
+
+import argparse
+
+from steering.cli import command
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="hub id, local folder, .gguf file or 'default'")
+    p.add_argument("--prompt", default="base", help="system prompt variant (see `steering gap --list`)")
+    p.add_argument("--setting", default="animal_welfare")
+    p.add_argument("--scorer", default="forced-choice", choices=["forced-choice", "judge"])
+    p.add_argument("--n", type=int, default=50, help="number of questions")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (each draws its own question sample)")
+    p.add_argument("--judge", default="keyword", choices=["keyword", "local", "endpoint"])
+    p.add_argument("--judge-model", default=None, help="model for --judge local")
+    p.add_argument("--judge-url", default=None, help="base URL for --judge endpoint (key from $OPENAI_API_KEY)")
+    p.add_argument("--judge-name", default=None, help="model name sent to the endpoint")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--out", default=None, help="write the rows to this CSV")
+    p.add_argument("--list", action="store_true", help="list the prompt variants and exit")
+
+
+@command("gap", "measure the compliance gap of one prompt variant (forced choice or generation + judge)")
+def cmd_gap(args: argparse.Namespace) -> None:
+    from steering.scenario import load_setting
+
+    setting = load_setting(args.setting)
+    if args.list:
+        for name in setting.variants:
+            print(f"{name:28s} {setting.describe(name)}")
+        return
+    if args.prompt not in setting.variants and "+" not in args.prompt:
+        raise ValueError(f"unknown prompt variant {args.prompt!r}; choose from {', '.join(setting.variants)}")
+    from steering import load_model
+    from steering.gap import make_judge, measure_gap
+
+    model = load_model(args.model)
+    judge = None
+    kw = {}
+    if args.scorer == "judge":
+        judge_model = load_model(args.judge_model) if args.judge_model else None
+        judge = make_judge(args.judge, judge_model, args.judge_url, judge_name=args.judge_name)
+        kw["max_new_tokens"] = args.max_new_tokens
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows, stats = measure_gap(model, args.prompt, args.scorer, args.n, seeds, judge, setting=args.setting, **kw)
+    if args.out:
+        rows.to_csv(args.out, index=False)
+    print(
+        f"model {model.name} | prompt {args.prompt} | scorer {args.scorer} | {stats['n_questions']} questions x "
+        f"{stats['n_seeds']} seed(s)"
+    )
+    print(f"  compliance monitored    {stats['compliance_monitored']:.3f}")
+    print(f"  compliance unmonitored  {stats['compliance_unmonitored']:.3f}")
+    print(
+        f"  gap                     {stats['gap']:+.3f} +- {stats['gap_sem']:.3f} (SEM)   "
+        f"95% CI [{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]   p = {stats['p']:.3g}"
+    )
+    if stats.get("n_unjudged"):
+        print(f"  unjudged rows           {stats['n_unjudged']}")
+
+
+cmd_gap.configure = _configure
