@@ -41,6 +41,9 @@ class SweepSpec:
 
     name: str
     model: str = "default"
+    dtype: str = "float32"
+    device: str = "cpu"
+    backend: str = "hf"
     drivers: list[DriverSpec] = field(default_factory=list)
     control_seeds: list[int] = field(default_factory=list)
     control_like: str | None = None
@@ -56,6 +59,10 @@ class SweepSpec:
     scorer: str = "forced-choice"
     seeds: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 32
+    max_new_tokens: int = 256
+    judge: str = "keyword"
+    judge_model: str | None = None
+    judge_url: str | None = None
     store: str | None = None
 
     def __post_init__(self) -> None:

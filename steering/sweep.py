@@ -142,9 +142,7 @@ def run_sweep(
     """Run (or resume) ``spec``; returns the run's rows as a DataFrame."""
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_toml(spec)
-    if spec.scorer != "forced-choice":
-        raise ValueError("sweeps support scorer='forced-choice' so far; use `steering gap --scorer judge` per cell")
-    model = model or load_model(spec.model)
+    model = model or load_model(spec.model, dtype=spec.dtype, device=spec.device, backend=spec.backend)
     own_store = store is None
     if own_store and spec.store is None:
         spec.store_path.parent.mkdir(parents=True, exist_ok=True)  # the default runs/ folder
@@ -154,7 +152,7 @@ def run_sweep(
         store.begin_run(spec.name, spec.to_dict(), model.name, library_versions())
         cells = [BASELINE, *build_cells(spec, vectors, model)]
         zero_cells = _zero_cells(spec, vectors)
-        scorer = ForcedChoiceScorer(model, spec.setting)
+        scorer = ForcedChoiceScorer(model, spec.setting) if spec.scorer == "forced-choice" else _judge_for(spec)
         done = store.done_keys(spec.name)
         plan = []
         for seed in spec.seeds:
@@ -177,9 +175,73 @@ def run_sweep(
             store.close()
 
 
+def _judge_for(spec: SweepSpec):
+    from steering.gap import make_judge
+
+    judge_model = load_model(spec.judge_model) if spec.judge_model else None
+    return make_judge(spec.judge, judge_model, spec.judge_url)
+
+
+def _run_judged(spec, model, judge, store, seed: int, variant: str, todo: list[Question], cells, zero_cells, bar):
+    """Generate once per (question, condition) with one batch row per cell (steering ``generated`` tokens by
+    default), judge every output, and commit the question's rows."""
+    from steering.compliance import interventions_for
+    from steering.scenario import load_setting
+
+    setting = load_setting(spec.setting)
+    for question in todo:
+        records = []
+        for condition in spec.conditions:
+            prompt = setting.messages(question.question, condition, variant, scratchpad=True)
+            texts = []
+            for lo in range(0, len(cells), spec.batch_size):
+                chunk = cells[lo : lo + spec.batch_size]
+                ivs = interventions_for(chunk, spec.positions)
+                texts += model.generate([prompt] * len(chunk), spec.max_new_tokens, ivs, seed=seed)
+            verdicts = judge(texts, [question.question] * len(texts))
+            for cell, verdict, text in zip(cells, verdicts, texts):
+                records.append(
+                    dict(
+                        driver=cell.driver,
+                        layer=cell.layer,
+                        coefficient=cell.coefficient,
+                        condition=condition,
+                        question=question.id,
+                        compliance=verdict.compliance,
+                        response=text,
+                    )
+                )
+        rows = [_judged_row(spec, model.name, variant, seed, rec) for rec in records]
+        base = {r["condition"]: r for r in rows if r["driver"] == "none"}
+        for cell in zero_cells:
+            for condition in spec.conditions:
+                rows.append(dict(base[condition], driver=cell.driver, layer=cell.layer, coefficient=0.0))
+        store.write_rows(rows)
+        bar.update()
+
+
+def _judged_row(spec, model_name, variant, seed, rec) -> dict:
+    return dict(
+        run=spec.name,
+        model=model_name,
+        driver=rec["driver"],
+        layer=int(rec["layer"]),
+        coefficient=float(rec["coefficient"]),
+        variant=variant,
+        condition=rec["condition"],
+        question=rec["question"],
+        seed=seed,
+        scorer=spec.scorer,
+        compliance=rec["compliance"],
+        extra=json.dumps({"response": rec["response"]}),
+    )
+
+
 def _run_block(spec, model, scorer, store, seed: int, variant: str, todo: list[Question], cells, zero_cells, bar):
     if not todo:
         return
+    if spec.scorer == "judge":
+        return _run_judged(spec, model, scorer, store, seed, variant, todo, cells, zero_cells, bar)
     convs = [Conversation(q, c, order) for q in todo for c in spec.conditions for order in (0, 1)]
     per_question = 2 * len(spec.conditions)
     pending: list = []

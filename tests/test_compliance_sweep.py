@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -186,3 +187,25 @@ def test_default_model_scores_are_inside_the_unit_interval(default_model):
     assert ((frame.compliance > 0) & (frame.compliance < 1)).all()
     assert frame.compliance.nunique() > 1
     assert (frame.letter_mass > 0.1).all()  # the letters are the model's likely continuation
+
+
+def test_judged_sweep_generates_per_cell_and_records_outputs(tiny, vector_file, tmp_path):
+    spec = SweepSpec.from_toml(write_spec(tmp_path / "j.toml", vector_file, tmp_path / "j.sqlite", n=1))
+    spec.scorer, spec.positions, spec.max_new_tokens, spec.control_seeds = "judge", "generated", 3, []
+    spec.coefficients, spec.layers = [0, 40.0], [1]
+    rows = run_sweep(spec, model=tiny, progress=False)
+    assert len(rows) == 2 * 3  # conditions x (baseline, values@1 x 40, values@1 x 0)
+    responses = {r.driver + str(r.coefficient): json.loads(r.extra)["response"] for r in rows.itertuples()}
+    assert responses["values40.0"] != responses["none0.0"]  # steering changed the generated text
+    assert responses["values0.0"] == responses["none0.0"]
+    assert rows.compliance.between(0, 1).all()
+
+
+def test_packaged_specs_parse():
+    from steering.experiments import spec_path
+
+    for name in ("quickstart", "strengths", "layers", "ablations", "paper_olmo", "paper_gemma", "paper_llama"):
+        spec = SweepSpec.from_toml(spec_path(name))
+        assert spec.layers and spec.coefficients and spec.drivers
+    with pytest.raises(ValueError, match="unknown spec"):
+        spec_path("nonexistent")
