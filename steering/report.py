@@ -74,7 +74,7 @@ def plot_gap_vs_coefficient(curves: pd.DataFrame, band: pd.DataFrame | None = No
     base = curves[curves["driver"] == BASELINE_DRIVER]
     base_gap = float(base["gap"].iloc[0]) if len(base) else None
     nrows, ncols = _grid(len(layers))
-    fig = Figure(figsize=(4.8 * ncols, 3.6 * nrows + 0.9), layout="constrained")
+    fig = Figure(figsize=(max(7.5, 4.8 * ncols), 3.6 * nrows + 0.9), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     for ax, layer in zip(axes, layers):
         here = curves[curves["layer"] == layer]
@@ -198,7 +198,7 @@ def plot_compliance_by_condition(df: pd.DataFrame) -> Figure:
     shades = colormaps["viridis"](np.linspace(0.0, 0.85, len(layers)))  # sequential: layers, not drivers
     cmap = {lay: shades[i] for i, lay in enumerate(layers)}
     nrows, ncols = _grid(len(panels))
-    fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows + 0.9), layout="constrained")
+    fig = Figure(figsize=(max(7.5, 4.6 * ncols), 3.4 * nrows + 0.9), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         here = table[table["panel"] == panel]
@@ -298,7 +298,7 @@ def _section(
 
     def save(fig: Figure, key: str) -> None:
         name = f"{key}{suffix}.png"
-        fig.savefig(out_dir / name, dpi=dpi)
+        fig.savefig(out_dir / name, dpi=dpi, bbox_inches="tight")
         paths[key + suffix] = out_dir / name
         md.append(f"![{key}]({name})\n")
 
