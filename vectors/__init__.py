@@ -1,0 +1,65 @@
+"""Contrast pairs -> driver vectors (one per layer) -> safetensors / GGUF vector files.
+
+>>> from steering import load_model
+>>> from steering.vectors import extract, load_driver
+>>> model = load_model("default")
+>>> vs = extract(model, load_driver("values", "train"), driver="values")
+>>> vs.save("values.safetensors")
+"""
+
+from .datasets import (
+    DATA_DIR,
+    DRIVERS,
+    dataset_sha256,
+    driver_path,
+    load_caa_json,
+    load_csv,
+    load_driver,
+    load_jsonl,
+    load_mwe_jsonl,
+    load_pairs,
+)
+from .extract import NORMALIZATIONS, POSITIONS, collect_activations, extract, pair_texts, resolve_layers
+from .gguf_export import export_gguf, read_gguf
+from .methods import METHODS, mean_diff, pca, probe
+from .pairs import ContrastPair, answer_completion, caa_pair, has_splits, pairs_sha256, select_split
+from .quality import best_layers, layer_quality, projection_quality, quality_table
+from .vectorset import FORMAT, VectorSet, VectorTransferWarning
+
+__all__ = [
+    "DATA_DIR",
+    "DRIVERS",
+    "FORMAT",
+    "METHODS",
+    "NORMALIZATIONS",
+    "POSITIONS",
+    "ContrastPair",
+    "VectorSet",
+    "VectorTransferWarning",
+    "answer_completion",
+    "best_layers",
+    "caa_pair",
+    "collect_activations",
+    "dataset_sha256",
+    "driver_path",
+    "export_gguf",
+    "extract",
+    "has_splits",
+    "layer_quality",
+    "load_caa_json",
+    "load_csv",
+    "load_driver",
+    "load_jsonl",
+    "load_mwe_jsonl",
+    "load_pairs",
+    "mean_diff",
+    "pair_texts",
+    "pairs_sha256",
+    "pca",
+    "probe",
+    "projection_quality",
+    "quality_table",
+    "read_gguf",
+    "resolve_layers",
+    "select_split",
+]

@@ -1,0 +1,66 @@
+"""Export a ``VectorSet`` as a llama.cpp control vector (GGUF), so the vectors run in llama.cpp too.
+
+Layout: ``general.architecture = "controlvector"``, ``controlvector.model_hint``, ``controlvector.layer_count``,
+tensors ``direction.{layer + 1}`` float32 [d_model] (llama.cpp numbers control-vector layers from 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .vectorset import VectorSet
+
+ARCH = "controlvector"
+
+
+def export_gguf(vectorset: VectorSet, path: str | Path, model_hint: str | None = None) -> Path:
+    """Write ``vectorset`` to ``path`` as a control-vector GGUF; ``model_hint`` defaults to the set's model name.
+
+    Use it in llama.cpp with ``--control-vector-scaled FILE COEF`` (and ``--control-vector-layer-range``).
+    """
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), ARCH)
+    try:
+        writer.add_string(f"{ARCH}.model_hint", model_hint or vectorset.model)
+        writer.add_uint32(f"{ARCH}.layer_count", len(vectorset))
+        for layer in vectorset.layers:
+            writer.add_tensor(f"direction.{layer + 1}", vectorset[layer].numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return path
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, object], dict[int, np.ndarray]]:
+    """(string / int metadata, ``{layer: [d]}``) of a control-vector GGUF, layers back to 0-based indices."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    if arch != ARCH:
+        raise ValueError(f"{path}: general.architecture is {arch!r}, not {ARCH!r}; this is not a control vector")
+    meta = {key: _field(reader, key) for key in ("general.architecture", f"{ARCH}.model_hint", f"{ARCH}.layer_count")}
+    vectors = {}
+    for tensor in reader.tensors:
+        prefix, _, index = tensor.name.partition(".")
+        if prefix != "direction" or not index.isdigit() or int(index) < 1:
+            raise ValueError(f"{path}: unexpected tensor {tensor.name!r}; control vectors hold 'direction.N' (N >= 1)")
+        vectors[int(index) - 1] = np.array(tensor.data, dtype=np.float32).reshape(-1)
+    return meta, vectors
+
+
+def _field(reader, key: str) -> object:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    if value.dtype == np.uint8:
+        return bytes(value).decode("utf-8")
+    return value.item() if value.size == 1 else value.tolist()
