@@ -30,7 +30,7 @@ $(MODEL_STAMP): $(STAMP)
 model: $(MODEL_STAMP)
 
 test: $(MODEL_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
