@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from steering.experiments import run_spec, spec_path
-
 from steering.analysis import steerability
+from steering.experiments import run_spec, spec_path
 from steering.models import SteeringModel
 from steering.report import write_report
 from steering.spec import SweepSpec

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 from conftest import build_tiny, padded_batch
-from steering.hooks import Intervention, RowLayout
-from steering.hooks.backends import Plan
 
 from steering.backends import BACKENDS, NNsightModel, TransformerLensModel, hf_module, wrap, wrap_backend
+from steering.hooks import Intervention, RowLayout
+from steering.hooks.backends import Plan
 from steering.models import Encoded, SteeringModel
 
 OTHER = [b for b in BACKENDS if b != "hf"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ARCHITECTURES, build_gemma3_multimodal, build_tiny, padded_batch
+
 from steering.hooks import Intervention, RowLayout, capture, find_layers, steer
 
 D = 64

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from steering import SteeringModel
 from steering.vectors import (
     ContrastPair,
     best_layers,
@@ -22,9 +25,6 @@ from steering.vectors import (
     resolve_layers,
 )
 from steering.vectors.extract import completion_span
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-from steering import SteeringModel
 
 TOKENIZER = Path.home() / ".cache" / "steering" / "models" / "SmolLM2-135M-Instruct"
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from steering.vectors import FORMAT, VectorSet, VectorTransferWarning, export_gguf, read_gguf
 
 from steering.cli import main
+from steering.vectors import FORMAT, VectorSet, VectorTransferWarning, export_gguf, read_gguf
 
 TOKENIZER = Path.home() / ".cache" / "steering" / "models" / "SmolLM2-135M-Instruct"
 

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-from steering.hooks import At
 from torch import Tensor
+
+from steering.hooks import At
 
 from .methods import Method, get_method
 from .pairs import ContrastPair, pairs_sha256
