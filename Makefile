@@ -40,7 +40,7 @@ demo: $(MODEL_STAMP)
 
 $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -q --no-deps "steering-vectors==0.12.2" "repeng==0.4.0"
-	$(PIP) install -q psutil
+	$(PIP) install -q psutil scikit-learn
 	touch $(BENCH_STAMP)
 
 bench: $(MODEL_STAMP) $(BENCH_STAMP)
