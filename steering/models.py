@@ -224,16 +224,6 @@ class SteeringModel:
             )
 
 
-def enc_row(enc: Encoded, b: int) -> Encoded:
-    """Row ``b`` of a batch as its own batch of one, padding removed."""
-    keep = enc.attention_mask[b].bool()
-    layout = RowLayout(
-        enc.layout.prompt_len[b : b + 1],
-        None if enc.layout.response_start is None else enc.layout.response_start[b : b + 1],
-    )
-    return Encoded(enc.input_ids[b : b + 1, keep], enc.attention_mask[b : b + 1, keep], layout)
-
-
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype

@@ -105,18 +105,16 @@ def _zero_cells(spec: SweepSpec, vectors: dict[str, VectorSet]) -> list[Cell]:
 
 
 def _rows_for(spec, model_name, variant, seed, frame: pd.DataFrame, zero_cells) -> list[dict]:
-    rows = []
-    base = frame[frame.driver == "none"].set_index("condition")
-    for rec in frame.to_dict("records"):
-        rows.append(_row(spec, model_name, variant, seed, rec))
-    for cell in zero_cells:
-        for condition in spec.conditions:
-            rec = dict(base.loc[condition], condition=condition, driver=cell.driver, layer=cell.layer, coefficient=0.0)
-            rows.append(_row(spec, model_name, variant, seed, rec))
-    return rows
+    rows = [
+        _row(spec, model_name, variant, seed, rec, {"letter_mass": round(float(rec["letter_mass"]), 6)})
+        for rec in frame.to_dict("records")
+    ]
+    return _add_zero_cells(rows, zero_cells, spec.conditions)
 
 
-def _row(spec, model_name, variant, seed, rec) -> dict:
+def _row(spec, model_name, variant, seed, rec: dict, extra: dict) -> dict:
+    """A store row from one scored record (driver, layer, coefficient, condition, question, compliance)."""
+    compliance = rec["compliance"]
     return dict(
         run=spec.name,
         model=model_name,
@@ -128,9 +126,18 @@ def _row(spec, model_name, variant, seed, rec) -> dict:
         question=rec["question"],
         seed=seed,
         scorer=spec.scorer,
-        compliance=float(rec["compliance"]),
-        extra=json.dumps({"letter_mass": round(float(rec["letter_mass"]), 6)}),
+        compliance=None if compliance is None else float(compliance),
+        extra=json.dumps(extra),
     )
+
+
+def _add_zero_cells(rows: list[dict], zero_cells, conditions) -> list[dict]:
+    """Copy the baseline rows under each (driver, layer) at coefficient 0: identical by construction."""
+    base = {r["condition"]: r for r in rows if r["driver"] == "none"}
+    for cell in zero_cells:
+        for condition in conditions:
+            rows.append(dict(base[condition], driver=cell.driver, layer=cell.layer, coefficient=0.0))
+    return rows
 
 
 def run_sweep(
@@ -211,30 +218,10 @@ def _run_judged(spec, model, judge, store, seed: int, variant: str, todo: list[Q
                         response=text,
                     )
                 )
-        rows = [_judged_row(spec, model.name, variant, seed, rec) for rec in records]
-        base = {r["condition"]: r for r in rows if r["driver"] == "none"}
-        for cell in zero_cells:
-            for condition in spec.conditions:
-                rows.append(dict(base[condition], driver=cell.driver, layer=cell.layer, coefficient=0.0))
+        rows = [_row(spec, model.name, variant, seed, rec, {"response": rec["response"]}) for rec in records]
+        _add_zero_cells(rows, zero_cells, spec.conditions)
         store.write_rows(rows)
         bar.update()
-
-
-def _judged_row(spec, model_name, variant, seed, rec) -> dict:
-    return dict(
-        run=spec.name,
-        model=model_name,
-        driver=rec["driver"],
-        layer=int(rec["layer"]),
-        coefficient=float(rec["coefficient"]),
-        variant=variant,
-        condition=rec["condition"],
-        question=rec["question"],
-        seed=seed,
-        scorer=spec.scorer,
-        compliance=rec["compliance"],
-        extra=json.dumps({"response": rec["response"]}),
-    )
 
 
 def _run_block(spec, model, scorer, store, seed: int, variant: str, todo: list[Question], cells, zero_cells, bar):

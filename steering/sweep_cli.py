@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from steering.cli import command
 
@@ -121,7 +120,3 @@ def cmd_layers(args: argparse.Namespace) -> None:
 
 
 cmd_layers.configure = _layers_args
-
-
-def _path(text: str) -> Path:
-    return Path(text).expanduser()
