@@ -438,18 +438,8 @@ def simulate_rows(
                     comp = np.where(rng.random(n_questions) < unjudged, np.nan, comp)
                 for q in range(n_questions):
                     records.append((run, model, drv, lay, c, variant, cond, f"q{q:03d}", int(sd), scorer, comp[q]))
-    cols = [
-        "run",
-        "model",
-        "driver",
-        "layer",
-        "coefficient",
-        "variant",
-        "condition",
-        "question",
-        "seed",
-        "scorer",
-    ]
-    df = pd.DataFrame(records, columns=[*cols, "compliance"])
+    from steering.store import KEY_COLUMNS
+
+    df = pd.DataFrame(records, columns=[*KEY_COLUMNS, "compliance"])
     df["extra"] = "{}"
     return df
