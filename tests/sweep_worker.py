@@ -10,7 +10,7 @@ import sys
 import torch
 
 
-def tiny_model(tokenizer_dir: str):
+def tiny_model(tokenizer_dir: str, max_positions: int = 2048, name: str = "tiny-llama"):
     """A tiny random Llama with the default model's tokenizer (chat template included), same weights every time."""
     import transformers as tf
 
@@ -25,9 +25,9 @@ def tiny_model(tokenizer_dir: str):
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_positions,
     )
-    return SteeringModel(tf.LlamaForCausalLM(config).eval(), tokenizer, name="tiny-llama")
+    return SteeringModel(tf.LlamaForCausalLM(config).eval(), tokenizer, name=name)
 
 
 def main() -> None:

@@ -18,19 +18,11 @@ def tokenizer(default_model):
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    import transformers as tf
+    from sweep_worker import tiny_model
 
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return SteeringModel(tf.LlamaForCausalLM(config).eval(), tokenizer, name="tiny")
+    from steering.default_model import default_model_dir
+
+    return tiny_model(str(default_model_dir()), max_positions=128, name="tiny")
 
 
 def test_encode_layout_marks_prompt_and_assistant_header(tiny):
