@@ -150,7 +150,7 @@ def steer(
                 "positions='response' needs where the assistant turn starts: encode chat prompts with "
                 "model.encode(messages) and pass its layout, or pass RowLayout(response_start=...)"
             )
-    tracker = PositionTracker(layout)
+    tracker = PositionTracker(layout, [iv.positions for iv in ivs])
     by_layer: dict[int, list[Intervention]] = {}
     for iv in ivs:
         by_layer.setdefault(iv.layer % len(layers), []).append(iv)

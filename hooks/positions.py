@@ -81,7 +81,11 @@ class Positions:
             return real
         if self.mode is not None:
             if layout is None:
-                raise ValueError(f"positions={self.mode!r} needs a RowLayout; run inside steer(...) with layout=...")
+                raise ValueError(
+                    f"positions={self.mode!r} needs to know where each prompt ends, and this call continues a KV "
+                    "cache filled outside the steering context; pass steer(..., layout=model.encode(prompts).layout) "
+                    "or RowLayout(prompt_len=...)"
+                )
             if self.mode == "response":
                 if layout.response_start is None:
                     raise ValueError(
@@ -134,19 +138,51 @@ def row_positions(
     return (torch.arange(length, device=device) + past_len).expand(batch, length)
 
 
+# Names under which transformers 4.x / 5.x hand the decoder stack its KV cache (5.24 renamed it to ``cache``).
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def past_length(kwargs: dict) -> int | None:
+    """Tokens already in the KV cache of a forward call, read under every name transformers uses; ``None`` when a
+    cache is there but its length cannot be read (an unknown cache type)."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is None:
+            continue
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)):  # legacy format: one (key [B, H, T, d], value) pair per layer
+            if not cache:
+                return 0
+            first = cache[0][0] if isinstance(cache[0], (tuple, list)) else cache[0]
+            return int(first.shape[-2]) if isinstance(first, Tensor) else None
+        return None
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, Tensor) and cache_position.numel():
+        return int(cache_position.flatten()[0])
+    return 0
+
+
 class PositionTracker:
     """Forward pre-hook for the decoder stack: records the row positions of every call.
 
-    Without an explicit layout, a call with an empty KV cache defines the prompt (``prompt_len`` = its real tokens
-    per row), so ``with steer(...): model.generate(...)`` needs no extra arguments for ``prompt`` / ``generated``.
+    Positions come from the 2-D attention mask, else ``position_ids``, else the KV-cache length (under any of the
+    names in ``CACHE_KWARGS``, or ``cache_position``). A call whose positions cannot be established raises.
+
+    Without an explicit layout, the first call with an empty KV cache defines the prompt (``prompt_len`` = its real
+    tokens per row), so ``with steer(...): model.generate(...)`` needs no extra arguments for ``prompt`` /
+    ``generated``. A later call with an empty cache that repeats those prompt tokens (``use_cache=False``
+    generation recomputes the whole sequence each step) keeps that prompt; any other one starts a new prompt.
     """
 
-    def __init__(self, layout: RowLayout | None = None):
+    def __init__(self, layout: RowLayout | None = None, specs: Sequence[Positions] = ()):
         self.layout = layout
+        self.specs = list(specs)  # resolved in the pre-hook, so a bad call fails before any layer runs
         self._given = layout is not None
         self.positions: Tensor | None = None
         self._masks: dict[int, Tensor] = {}
         self._outer_mask: Tensor | None = None
+        self._prompt: list[Tensor] | None = None  # inferred prompt: each row's real token ids (or embeddings)
 
     def attach(self, model: torch.nn.Module, stack: torch.nn.Module) -> list:
         """Register on the decoder stack, and on the outer model when they differ: multimodal wrappers hand the
@@ -171,17 +207,42 @@ class PositionTracker:
         if ref is None:
             raise ValueError("steering hooks could not find input_ids or inputs_embeds in the forward call")
         batch, length = ref.shape[0], ref.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         mask = kwargs.get("attention_mask")
         if not (isinstance(mask, Tensor) and mask.dim() == 2):
             mask = self._outer_mask
-        self.positions = row_positions(length, batch, mask, kwargs.get("position_ids"), past, ref.device)
+        has_mask = isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[-1] >= length
+        past = past_length(kwargs)
+        if past is None:
+            if not (has_mask or kwargs.get("position_ids") is not None):
+                cache = next(type(kwargs[n]).__name__ for n in CACHE_KWARGS if kwargs.get(n) is not None)
+                raise ValueError(
+                    f"cannot tell the positions of this forward call: its KV cache ({cache}) has no readable length "
+                    "and the call has no attention_mask or position_ids; pass attention_mask (covering cached and "
+                    "new tokens) or position_ids, and a layout (steer(..., layout=model.encode(...).layout))"
+                )
+            past = mask.shape[-1] - length if has_mask else -1  # -1: unknown but non-empty
+        elif has_mask and past == 0:
+            past = mask.shape[-1] - length  # a cache we could not see: the mask still covers it
+        self.positions = row_positions(length, batch, mask, kwargs.get("position_ids"), max(past, 0), ref.device)
         self._masks = {}
         if self._given:
             self.layout.check_batch(batch)
-        elif past == 0:
+        elif past == 0 and not self._continues_prompt(ref):
             self.layout = RowLayout(prompt_len=self.positions.max(dim=1).values + 1)
+            self._prompt = [row[self.positions[b] >= 0] for b, row in enumerate(ref)]
+        for spec in self.specs:
+            self.mask(spec)
+
+    def _continues_prompt(self, ref: Tensor) -> bool:
+        """True when this fresh call repeats the inferred prompt (``use_cache=False`` generation): same rows, and
+        each row starts with that prompt's tokens."""
+        if self._prompt is None or len(self._prompt) != ref.shape[0]:
+            return False
+        for b, prompt in enumerate(self._prompt):
+            row = ref[b][self.positions[b] >= 0]
+            if row.shape[0] <= prompt.shape[0] or not torch.equal(row[: prompt.shape[0]], prompt):
+                return False
+        return True
 
     def mask(self, spec: Positions) -> Tensor:
         """Mask [B, T] for ``spec`` in the current call (computed once per call and spec)."""

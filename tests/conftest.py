@@ -93,3 +93,43 @@ def default_model():
     from steering import load_model
 
     return load_model("default")
+
+
+class StepOracle:
+    """Which tokens a steering context changed at one layer, per forward call, measured from outside the engine.
+
+    A hook registered first sees the block's own output, one registered last the steered output; a token counts as
+    steered when they differ. Enter it *around* ``steer(...)``: ``with StepOracle(model, layer) as o, steer(...)``.
+    ``o.calls`` holds one bool [B, T] per forward call.
+    """
+
+    def __init__(self, model: torch.nn.Module, layer: int):
+        from steering.hooks import find_layers
+
+        self.block = find_layers(model)[layer]
+        self.calls: list[torch.Tensor] = []
+        self._before: torch.Tensor | None = None
+        self._handles: list = []
+
+    @staticmethod
+    def _hidden(output) -> torch.Tensor:
+        return output[0] if isinstance(output, tuple) else output
+
+    def __enter__(self) -> StepOracle:
+        def before(module, args, output):
+            self._before = self._hidden(output).detach().clone()
+
+        self._handles = [self.block.register_forward_hook(before, prepend=True)]
+        return self
+
+    def arm(self) -> None:
+        """Register the 'after' hook; call inside the steering context (so it runs after the steering hook)."""
+
+        def after(module, args, output):
+            self.calls.append((self._hidden(output).detach() != self._before).any(-1))
+
+        self._handles.append(self.block.register_forward_hook(after))
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -36,7 +36,7 @@ class Plan:
                     "positions='response' needs where the assistant turn starts: encode chat prompts with "
                     "model.encode(messages) and pass its layout, or pass RowLayout(response_start=...)"
                 )
-        self.tracker = PositionTracker(layout)
+        self.tracker = PositionTracker(layout, [iv.positions for iv in ivs])
         self.groups: dict[int, list[Intervention]] = {}
         for iv in ivs:
             self.groups.setdefault(iv.layer % n_layers, []).append(iv)

@@ -63,7 +63,26 @@ def boot(model: nn.Module, tokenizer=None, eager_attention: bool = False) -> nn.
     )
     if not eager_attention and attn is not None and getattr(config, "_attn_implementation", None) != attn:
         model.set_attn_implementation(attn)
+    alias_cache_kwarg(bridge)
     return bridge
+
+
+def _cache_alias(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+    return None
+
+
+def alias_cache_kwarg(bridge: nn.Module) -> None:
+    """Hand TransformerLens attention components the KV cache under the name they read.
+
+    From transformers 5.24 decoder layers pass the cache as ``cache=``; TransformerLens 4.3's attention bridges read
+    only ``past_key_values`` and would silently attend to the new tokens alone (logits off by ~0.7 on a tiny Llama).
+    """
+    for module in bridge.modules():
+        if hasattr(module, "_update_kv_cache") and not getattr(module, "_steering_cache_alias", False):
+            module.register_forward_pre_hook(_cache_alias, with_kwargs=True)
+            module._steering_cache_alias = True
 
 
 def _group_hook(plan: Plan, layer: int):
