@@ -54,19 +54,22 @@ def expected(mode: str, n: int, fed: int) -> set:
 def manual_decode(model, ids, mask, name: str, layout, mode: str) -> list[set]:
     """Prefill then STEPS greedy decode steps by hand, the cache passed as ``name``; mask optional."""
     lengths = [int(x) for x in (mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1]))]
-    with StepOracle(model, LAYER) as oracle, torch.no_grad():
-        with steer(model, Intervention(LAYER, unit(), 1.0, positions=mode), layout=layout):
-            oracle.arm()
-            kwargs = {} if mask is None else {"attention_mask": mask}
-            out = model(input_ids=ids, use_cache=True, **kwargs)
-            cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    with (
+        StepOracle(model, LAYER) as oracle,
+        torch.no_grad(),
+        steer(model, Intervention(LAYER, unit(), 1.0, positions=mode), layout=layout),
+    ):
+        oracle.arm()
+        kwargs = {} if mask is None else {"attention_mask": mask}
+        out = model(input_ids=ids, use_cache=True, **kwargs)
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(STEPS):
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                kwargs = {"attention_mask": mask}
+            out = model(input_ids=token, use_cache=True, **{name: cache}, **kwargs)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            for _ in range(STEPS):
-                if mask is not None:
-                    mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                    kwargs = {"attention_mask": mask}
-                out = model(input_ids=token, use_cache=True, **{name: cache}, **kwargs)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
     return steered_positions(oracle.calls, lengths, ids.shape[1], recompute=False)
 
 
@@ -93,10 +96,13 @@ def test_generate_without_cache_steers_exact_positions(tiny_llama, mode, with_la
     """``use_cache=False`` recomputes the whole sequence each step: the first call of the context is the prompt."""
     ids, mask = padded_batch(LENGTHS, side="left", seed=3)
     layout = RowLayout(prompt_len=torch.tensor(LENGTHS)) if with_layout else None
-    with StepOracle(tiny_llama, LAYER) as oracle, torch.no_grad():
-        with steer(tiny_llama, Intervention(LAYER, unit(), 1.0, positions=mode), layout=layout):
-            oracle.arm()
-            tiny_llama.generate(
+    with (
+        StepOracle(tiny_llama, LAYER) as oracle,
+        torch.no_grad(),
+        steer(tiny_llama, Intervention(LAYER, unit(), 1.0, positions=mode), layout=layout),
+    ):
+        oracle.arm()
+        tiny_llama.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=STEPS + 1, min_new_tokens=STEPS + 1,
                 do_sample=False, use_cache=False,
             )  # fmt: skip
@@ -111,10 +117,13 @@ def test_generate_without_layout_steers_generated_tokens(tiny_llama, use_cache):
     """The failure transformers 5.24 caused: ``generated`` steered nothing and ``prompt`` every generated token."""
     ids, mask = padded_batch(LENGTHS, side="left", seed=3)
     for mode in ("generated", "prompt"):
-        with StepOracle(tiny_llama, LAYER) as oracle, torch.no_grad():
-            with steer(tiny_llama, Intervention(LAYER, unit(), 1.0, positions=mode)):
-                oracle.arm()
-                tiny_llama.generate(
+        with (
+            StepOracle(tiny_llama, LAYER) as oracle,
+            torch.no_grad(),
+            steer(tiny_llama, Intervention(LAYER, unit(), 1.0, positions=mode)),
+        ):
+            oracle.arm()
+            tiny_llama.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=STEPS + 1, min_new_tokens=STEPS + 1,
                     do_sample=False, use_cache=use_cache,
                 )  # fmt: skip
@@ -126,11 +135,14 @@ def test_a_new_prompt_in_the_same_context_gets_its_own_layout(tiny_llama):
     """Two generate calls on different prompts inside one context: each call's prompt is its own."""
     first, first_mask = padded_batch(LENGTHS, side="left", seed=3)
     second, second_mask = padded_batch([6, 3, 8], side="left", seed=4)
-    with StepOracle(tiny_llama, LAYER) as oracle, torch.no_grad():
-        with steer(tiny_llama, Intervention(LAYER, unit(), 1.0, positions="generated")):
-            oracle.arm()
-            for ids, mask in ((first, first_mask), (second, second_mask)):
-                tiny_llama.generate(
+    with (
+        StepOracle(tiny_llama, LAYER) as oracle,
+        torch.no_grad(),
+        steer(tiny_llama, Intervention(LAYER, unit(), 1.0, positions="generated")),
+    ):
+        oracle.arm()
+        for ids, mask in ((first, first_mask), (second, second_mask)):
+            tiny_llama.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                     use_cache=False,
                 )  # fmt: skip
