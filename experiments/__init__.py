@@ -1,7 +1,7 @@
 """The studies: TOML specs under ``specs/`` plus small runners built only from the layers below.
 
 ``quickstart`` (what ``make demo`` runs), ``drivers``, ``strengths``, ``layers``, ``ablations`` and the ``paper``
-recipes for large models; see ``experiments/README.md``.
+recipes for large models; see ``experiments/README.md``. ``run_spec("quickstart")`` runs a packaged spec by name.
 """
 
 from __future__ import annotations
@@ -11,11 +11,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from steering import runs
 from steering.models import SteeringModel
-from steering.report import write_report
+from steering.runs import load_rows, report_store
 from steering.spec import SweepSpec
-from steering.store import ResultStore
-from steering.sweep import run_sweep
+
+__all__ = ["load_rows", "load_spec", "report_store", "run_spec", "spec_names", "spec_path"]
+
+
+def spec_names() -> list[str]:
+    """Names of the packaged specs."""
+    return sorted(p.name[:-5] for p in (resources.files("steering.experiments") / "specs").iterdir())
 
 
 def spec_path(name: str) -> Path:
@@ -27,38 +33,17 @@ def spec_path(name: str) -> Path:
         return path
     packaged = resources.files("steering.experiments") / "specs" / f"{name}.toml"
     if not packaged.is_file():
-        names = sorted(p.name[:-5] for p in (resources.files("steering.experiments") / "specs").iterdir())
-        raise ValueError(f"unknown spec {name!r}; packaged specs: {', '.join(names)}")
+        raise ValueError(f"unknown spec {name!r}; packaged specs: {', '.join(spec_names())}")
     return Path(str(packaged))
 
 
-def load_rows(store_or_spec: str | Path, run: str | None = None) -> pd.DataFrame:
-    """All rows of a store (a .sqlite file, or the store a spec names), optionally one run."""
-    path = Path(store_or_spec)
-    if path.suffix == ".toml":
-        spec = SweepSpec.from_toml(path)
-        path, run = spec.store_path, run or spec.name
-    if not path.exists():
-        raise ValueError(f"result store {path} does not exist; run the sweep first")
-    with ResultStore(path) as store:
-        rows = store.frame(run)
-    if rows.empty:
-        raise ValueError(f"no rows for run {run!r} in {path}")
-    return rows
+def load_spec(spec: str | Path | SweepSpec) -> SweepSpec:
+    """A ``SweepSpec`` from a packaged name, a TOML file, or as given."""
+    return spec if isinstance(spec, SweepSpec) else SweepSpec.from_toml(spec_path(str(spec)))
 
 
-def report_store(store_or_spec: str | Path, run: str | None = None, out: str | Path | None = None) -> dict[str, Path]:
-    """Write the Markdown report and plots for a store (default folder: ``reports/<store stem>``)."""
-    rows = load_rows(store_or_spec, run)
-    out = Path(out) if out else Path("reports") / Path(store_or_spec).stem
-    return write_report(rows, out, title=f"Compliance gap: {', '.join(sorted(rows.run.unique()))}")
-
-
-def run_spec(spec: str | Path | SweepSpec, model: SteeringModel | None = None, report_dir: str | Path | None = None):
-    """Run (or resume) a sweep spec and optionally write its report; returns the rows."""
-    if not isinstance(spec, SweepSpec):
-        spec = SweepSpec.from_toml(spec_path(str(spec)))
-    rows = run_sweep(spec, model=model)
-    if report_dir is not None:
-        write_report(rows, report_dir, title=f"Compliance gap: {spec.name}")
-    return rows
+def run_spec(
+    spec: str | Path | SweepSpec, model: SteeringModel | None = None, report_dir: str | Path | None = None
+) -> pd.DataFrame:
+    """``steering.runs.run_spec`` for a packaged spec name as well as a TOML file or a ``SweepSpec``."""
+    return runs.run_spec(load_spec(spec), model, report_dir)

@@ -7,16 +7,16 @@ import time
 from pathlib import Path
 
 from steering.analysis import steerability
-from steering.experiments import run_spec, spec_path
+from steering.experiments import load_spec
 from steering.models import SteeringModel
 from steering.report import write_report
-from steering.spec import SweepSpec
+from steering.runs import run_spec
 from steering.stats import gap_table
 
 
 def run_quickstart(model: SteeringModel, out: str | Path = "reports/quickstart") -> dict[str, Path]:
     """Run ``specs/quickstart.toml`` on ``model``, print the headline tables, write the report into ``out``."""
-    spec = SweepSpec.from_toml(spec_path("quickstart"))
+    spec = load_spec("quickstart")
     start = time.perf_counter()
     rows = run_spec(spec, model=model)
     paths = write_report(rows, out, title="Quickstart: three drivers on " + model.name)

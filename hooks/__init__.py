@@ -1,28 +1,49 @@
 """Model internals: find decoder blocks, capture the residual stream, intervene on it.
 
-This is the only part of ``steering`` that touches model internals; it imports nothing else of ours.
+This is the only part of ``steering`` that touches model internals; it imports nothing else of ours. The engine is
+``Plan``: interventions grouped per layer, resolved once per forward call; every backend (plain transformers in
+``steer``, TransformerLens and nnsight in ``backends/``) drives it through ``plan.tracker`` / ``plan.begin`` and
+``plan.edit``.
 """
 
-from .capture import At, capture, mean_norms
-from .intervene import OPERATIONS, Intervention, hidden_of, model_d_model, steer
-from .layers import find_layers, find_layers_path, find_stack
-from .positions import MODES, Positions, PositionTracker, RowLayout, row_positions
+from .capture import At, capture, mean_norms, select_rows
+from .intervention import OPERATIONS, Intervention
+from .layers import (
+    find_layers,
+    find_layers_path,
+    find_stack,
+    hidden_of,
+    model_d_model,
+    replace_hidden,
+    resolve_layer,
+    resolve_layers,
+)
+from .plan import Plan, steer_module
+from .positions import MODES, Positions, PositionTracker, RowLayout, check_layout, row_positions
+from .steer import steer
 
 __all__ = [
     "At",
     "MODES",
     "OPERATIONS",
     "Intervention",
+    "Plan",
     "PositionTracker",
     "Positions",
     "RowLayout",
     "capture",
+    "check_layout",
     "find_layers",
     "find_layers_path",
     "find_stack",
     "hidden_of",
     "mean_norms",
     "model_d_model",
+    "replace_hidden",
+    "resolve_layer",
+    "resolve_layers",
     "row_positions",
+    "select_rows",
     "steer",
+    "steer_module",
 ]

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .intervene import hidden_of
-from .layers import find_layers, find_stack
+from .layers import find_layers, find_stack, hidden_of, resolve_layers
 from .positions import PositionTracker
 
 
 @dataclass(frozen=True)
 class At:
-    """Where to read each row, in row positions (index in the row's unpadded tokens).
+    """Read positions: where capture reads each row, in row positions (index in the row's unpadded tokens).
 
     ``index`` [B] or [B, k]: explicit positions; negative values count from each row's end (-1 = last real
     token). ``span`` = (start [B], end [B]) half-open: the mean over that span.
@@ -30,20 +29,20 @@ class At:
     span: tuple[Tensor, Tensor] | None = None
 
     @classmethod
-    def parse(cls, spec: str | int | Sequence | Tensor | At, batch: int) -> At:
-        if isinstance(spec, At):
-            return spec
-        if isinstance(spec, str):
-            if spec == "last":
+    def parse(cls, value: str | int | Sequence | Tensor | At, batch: int) -> At:
+        if isinstance(value, At):
+            return value
+        if isinstance(value, str):
+            if value == "last":
                 return cls(index=torch.full((batch,), -1))
-            if spec.startswith("last-") and spec[5:].isdigit():
-                return cls(index=torch.full((batch,), -1 - int(spec[5:])))
+            if value.startswith("last-") and value[5:].isdigit():
+                return cls(index=torch.full((batch,), -1 - int(value[5:])))
             raise ValueError(
-                f"unknown capture position {spec!r}; use 'last', 'last-K', an int, per-row indices or At(span=...)"
+                f"unknown capture position {value!r}; use 'last', 'last-K', an int, per-row indices or At(span=...)"
             )
-        if isinstance(spec, int):
-            return cls(index=torch.full((batch,), spec))
-        index = torch.as_tensor(spec, dtype=torch.long)
+        if isinstance(value, int):
+            return cls(index=torch.full((batch,), value))
+        index = torch.as_tensor(value, dtype=torch.long)
         if index.shape[0] != batch:
             raise ValueError(
                 f"capture positions have {index.shape[0]} rows but the batch has {batch}; pass one per row"
@@ -69,8 +68,10 @@ class _Stop(Exception):
     """Raised by the last capture hook to skip the rest of the forward pass."""
 
 
-def _select(hidden: Tensor, pos: Tensor, at: At) -> Tensor:
-    """Gather [B, k, d] (or [B, d]) from ``hidden`` [B, T, d] at row positions ``at`` given ``pos`` [B, T]."""
+def select_rows(hidden: Tensor, pos: Tensor, at: At) -> Tensor:
+    """Gather [B, k, d] (or [B, d]) from ``hidden`` [B, T, d] at read positions ``at`` given row positions ``pos``
+    [B, T] (-1 = padding); detached."""
+    hidden = hidden.detach()
     pos = pos.to(hidden.device)
     lengths = pos.max(dim=1).values + 1  # [B] real tokens per row
     if at.span is not None:
@@ -104,17 +105,14 @@ def capture(
 ) -> dict[int, Tensor]:
     """Residual stream at ``layers`` and positions ``at``: ``{layer: [B, d]}`` (or ``[B, k, d]`` for k indices)."""
     blocks = find_layers(model, layers_path)
-    wanted = sorted({int(i) % len(blocks) for i in layers})
-    for i in layers:
-        if not -len(blocks) <= int(i) < len(blocks):
-            raise ValueError(f"layer {i} is out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1})")
-    spec = At.parse(at, input_ids.shape[0])
+    wanted = resolve_layers(layers, len(blocks))
+    read_at = At.parse(at, input_ids.shape[0])
     tracker = PositionTracker()
     out: dict[int, Tensor] = {}
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
-            out[index] = _select(hidden_of(output), tracker.positions, spec).detach()
+            out[index] = select_rows(hidden_of(output), tracker.positions, read_at)
             if stop_early and index == wanted[-1]:
                 raise _Stop
 

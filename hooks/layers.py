@@ -1,8 +1,11 @@
-"""Find the decoder blocks of a causal LM: structural discovery, known paths, explicit override."""
+"""Decoder blocks: find them (known paths, structural discovery, explicit override), the one rule for layer
+indices, and the residual stream inside a block's output."""
 
 from __future__ import annotations
 
-from torch import nn
+import operator
+
+from torch import Tensor, nn
 
 # Dotted paths of the decoder-block list in the architectures we test; discovery tries them first.
 KNOWN_PATHS = (
@@ -73,3 +76,66 @@ def find_stack(model: nn.Module, override: str | None = None) -> nn.Module:
     path = find_layers_path(model, override)
     parent = path.rpartition(".")[0]
     return _get(model, parent) if parent else model
+
+
+def num_layers(model: nn.Module) -> int | None:
+    """``num_hidden_layers`` from the model config (text config for multimodal wrappers)."""
+    return _num_layers(model)
+
+
+def resolve_layer(layer: int, n_layers: int) -> int:
+    """The one layer rule: ``0..n-1`` from the embedding output, or ``-n..-1`` from the end; returns ``0..n-1``."""
+    try:
+        index = operator.index(layer)  # ints and integer numpy / torch scalars; not floats or strings
+    except TypeError:
+        index = None
+    if index is None or isinstance(layer, bool):
+        raise ValueError(f"layer {layer!r} is not an integer; pass a layer index such as 12")
+    if not -n_layers <= index < n_layers:
+        raise ValueError(
+            f"layer {index} is out of range: the model has {n_layers} layers (0..{n_layers - 1}, or "
+            f"-{n_layers}..-1 from the end)"
+        )
+    return index % n_layers
+
+
+def resolve_layers(layers, n_layers: int) -> list[int]:
+    """Several layers under ``resolve_layer``'s rule: ``"all"``, an int, ``"3,5,-1"`` or ints -> sorted, unique."""
+    if isinstance(layers, str):
+        if layers == "all":
+            return list(range(n_layers))
+        try:
+            layers = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(
+                f"layers={layers!r} is not understood; pass 'all', an int or a list like '3,5,7'"
+            ) from None
+    elif isinstance(layers, int):
+        layers = [layers]
+    out = sorted({resolve_layer(layer, n_layers) for layer in layers})
+    if not out:
+        raise ValueError("no layers requested; pass 'all' or at least one layer index")
+    return out
+
+
+def hidden_of(output: Tensor | tuple) -> Tensor:
+    """The residual stream [B, T, d] in a decoder block's output (transformers 5 returns a tensor, older a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replace_hidden(output: Tensor | tuple, hidden: Tensor) -> Tensor | tuple:
+    """A decoder block's output with its residual stream replaced by ``hidden``."""
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    return hidden
+
+
+def model_d_model(model: nn.Module) -> int | None:
+    """Residual-stream width from the model config (text config for multimodal wrappers)."""
+    config = getattr(model, "config", None)
+    for cfg in (getattr(config, "text_config", None), config):
+        for attr in ("hidden_size", "n_embd", "d_model"):
+            value = getattr(cfg, attr, None) if cfg is not None else None
+            if isinstance(value, int):
+                return value
+    return None

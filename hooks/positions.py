@@ -1,4 +1,4 @@
-"""Absolute token positions: which tokens of each forward call an intervention touches.
+"""Steer positions: which tokens of each forward call an intervention touches, in absolute row positions.
 
 A *row position* is a token's index in its own row's unpadded sequence (0 = the row's first real token). It is
 computed from the attention mask (or ``position_ids`` / the KV-cache length) of every forward call, so it stays
@@ -7,7 +7,7 @@ right under left padding, rows of different lengths and KV-cache generation, whe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,16 +49,16 @@ class Positions:
     per_row: bool = False
 
     @classmethod
-    def parse(cls, spec: str | Positions | Sequence) -> Positions:
-        if isinstance(spec, Positions):
-            return spec
-        if isinstance(spec, str):
-            if spec not in MODES:
+    def parse(cls, value: str | Positions | Sequence) -> Positions:
+        if isinstance(value, Positions):
+            return value
+        if isinstance(value, str):
+            if value not in MODES:
                 raise ValueError(
-                    f"unknown position mode {spec!r}; use one of {', '.join(MODES)} or a list of (start, end) ranges"
+                    f"unknown position mode {value!r}; use one of {', '.join(MODES)} or a list of (start, end) ranges"
                 )
-            return cls(mode=spec)
-        items = list(spec)
+            return cls(mode=value)
+        items = list(value)
         if not items:
             raise ValueError("positions is an empty list; pass a mode such as 'all' or at least one (start, end) range")
         if all(_is_range(r) for r in items):
@@ -66,7 +66,7 @@ class Positions:
         if all(isinstance(row, Sequence) and all(_is_range(r) for r in row) for row in items):
             return cls(ranges=tuple(tuple(_range(r) for r in row) for row in items), per_row=True)
         raise ValueError(
-            f"positions={spec!r} is not understood; pass a mode ({', '.join(MODES)}), a list of (start, end) ranges, "
+            f"positions={value!r} is not understood; pass a mode ({', '.join(MODES)}), a list of (start, end) ranges, "
             "or one such list per batch row"
         )
 
@@ -74,38 +74,70 @@ class Positions:
         """The ``RowLayout`` field this spec reads, if any."""
         return {"response": "response_start", "prompt": "prompt_len", "generated": "prompt_len"}.get(self.mode)
 
+    def bounds(self, layout: RowLayout | None, rows: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """Half-open row-position intervals per row: ``(lo [rows, K], hi [rows, K])``; a token at row position ``p``
+        of row ``b`` is touched when ``lo[b, k] <= p < hi[b, k]`` for some ``k``. Every mode is one interval."""
+        if self.mode is not None:
+            lo = torch.zeros(rows, dtype=torch.long, device=device)
+            hi = torch.full((rows,), OPEN, dtype=torch.long, device=device)
+            if self.mode != "all":
+                field = self.needs()
+                value = None if layout is None else getattr(layout, field)
+                if value is None:
+                    raise ValueError(missing_layout_message(self.mode))
+                value = value.to(device=device, dtype=torch.long)
+                if self.mode == "prompt":
+                    hi = value
+                else:
+                    lo = value
+            return lo[:, None], hi[:, None]
+        per_row = self.ranges if self.per_row else [self.ranges] * rows
+        if len(per_row) != rows:
+            raise ValueError(f"positions has ranges for {len(per_row)} rows but the batch has {rows}")
+        width = max(len(r) for r in per_row)
+        lo = torch.zeros(rows, width, dtype=torch.long)
+        hi = torch.zeros(rows, width, dtype=torch.long)  # [0, 0) is empty: pads rows with fewer ranges
+        for b, row in enumerate(per_row):
+            for k, (start, end) in enumerate(row):
+                lo[b, k], hi[b, k] = start, OPEN if end is None else end
+        return lo.to(device), hi.to(device)
+
     def mask(self, pos: Tensor, layout: RowLayout | None) -> Tensor:
         """Boolean mask [B, T] of the positions to touch, given row positions ``pos`` [B, T] (-1 for padding)."""
-        real = pos >= 0
-        if self.mode == "all":
-            return real
-        if self.mode is not None:
-            if layout is None:
-                raise ValueError(
-                    f"positions={self.mode!r} needs to know where each prompt ends, and this call continues a KV "
-                    "cache filled outside the steering context; pass steer(..., layout=model.encode(prompts).layout) "
-                    "or RowLayout(prompt_len=...)"
-                )
-            if self.mode == "response":
-                if layout.response_start is None:
-                    raise ValueError(
-                        "positions='response' needs where the assistant turn starts: encode chat prompts with "
-                        "model.encode(messages) (it records response_start) or pass RowLayout(response_start=...)"
-                    )
-                return real & (pos >= layout.response_start.to(pos.device)[:, None])
-            start = layout.prompt_len.to(pos.device)[:, None]
-            return real & (pos < start) if self.mode == "prompt" else real & (pos >= start)
-        rows = self.ranges if self.per_row else [self.ranges] * pos.shape[0]
-        if len(rows) != pos.shape[0]:
-            raise ValueError(f"positions has ranges for {len(rows)} rows but the batch has {pos.shape[0]}")
-        mask = torch.zeros_like(real)
-        for b, row in enumerate(rows):
-            for start, end in row:
-                hit = pos[b] >= start
-                if end is not None:
-                    hit &= pos[b] < end
-                mask[b] |= hit
-        return mask & real
+        lo, hi = self.bounds(layout, pos.shape[0], pos.device)
+        return covered(pos, lo[:, None, :], hi[:, None, :])
+
+
+OPEN = 2**62  # the end of an open interval
+
+
+def covered(pos: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """True where row position ``pos`` (any shape ``S``, -1 = padding) lies in one of the intervals ``lo`` /
+    ``hi`` (shape ``S + [K]``, broadcastable)."""
+    inside = (pos[..., None] >= lo) & (pos[..., None] < hi)
+    return inside.any(-1) & (pos >= 0)
+
+
+def missing_layout_message(mode: str) -> str:
+    """The one message for a position mode whose row facts are unknown."""
+    if mode == "response":
+        return (
+            "positions='response' needs where the assistant turn starts: encode chat prompts with "
+            "model.encode(messages) and pass its layout, or pass RowLayout(response_start=...)"
+        )
+    return (
+        f"positions={mode!r} needs to know where each prompt ends, and this call continues a KV cache filled "
+        "outside the steering context; pass steer(..., layout=model.encode(prompts).layout) or "
+        "RowLayout(prompt_len=...)"
+    )
+
+
+def check_layout(specs: Sequence[Positions], layout: RowLayout | None) -> None:
+    """Raise before any compute when a spec needs ``response_start`` and ``layout`` lacks it (``prompt_len`` can
+    still be inferred from the first call)."""
+    for spec in specs:
+        if spec.needs() == "response_start" and (layout is None or layout.response_start is None):
+            raise ValueError(missing_layout_message("response"))
 
 
 def _is_range(r: object) -> bool:
@@ -175,12 +207,11 @@ class PositionTracker:
     generation recomputes the whole sequence each step) keeps that prompt; any other one starts a new prompt.
     """
 
-    def __init__(self, layout: RowLayout | None = None, specs: Sequence[Positions] = ()):
+    def __init__(self, layout: RowLayout | None = None, on_call: Callable[[PositionTracker], None] | None = None):
         self.layout = layout
-        self.specs = list(specs)  # resolved in the pre-hook, so a bad call fails before any layer runs
+        self.on_call = on_call  # e.g. a Plan resolving its masks once per call, before any layer runs
         self._given = layout is not None
         self.positions: Tensor | None = None
-        self._masks: dict[int, Tensor] = {}
         self._outer_mask: Tensor | None = None
         self._prompt: list[Tensor] | None = None  # inferred prompt: each row's real token ids (or embeddings)
 
@@ -224,14 +255,13 @@ class PositionTracker:
         elif has_mask and past == 0:
             past = mask.shape[-1] - length  # a cache we could not see: the mask still covers it
         self.positions = row_positions(length, batch, mask, kwargs.get("position_ids"), max(past, 0), ref.device)
-        self._masks = {}
         if self._given:
             self.layout.check_batch(batch)
         elif past == 0 and not self._continues_prompt(ref):
             self.layout = RowLayout(prompt_len=self.positions.max(dim=1).values + 1)
             self._prompt = [row[self.positions[b] >= 0] for b, row in enumerate(ref)]
-        for spec in self.specs:
-            self.mask(spec)
+        if self.on_call is not None:
+            self.on_call(self)
 
     def _continues_prompt(self, ref: Tensor) -> bool:
         """True when this fresh call repeats the inferred prompt (``use_cache=False`` generation): same rows, and
@@ -243,12 +273,3 @@ class PositionTracker:
             if row.shape[0] <= prompt.shape[0] or not torch.equal(row[: prompt.shape[0]], prompt):
                 return False
         return True
-
-    def mask(self, spec: Positions) -> Tensor:
-        """Mask [B, T] for ``spec`` in the current call (computed once per call and spec)."""
-        if self.positions is None:
-            raise RuntimeError("no forward call seen yet: the decoder stack's pre-hook did not run")
-        key = id(spec)
-        if key not in self._masks:
-            self._masks[key] = spec.mask(self.positions, self.layout)
-        return self._masks[key]

@@ -4,11 +4,10 @@ Extract a residual-stream vector per driver of the compliance gap (values, goal 
 sycophancy), steer with it during scoring or generation, sweep drivers x layers x coefficients, and report.
 """
 
-from steering.backends import wrap
 from steering.hooks import At, Intervention, Positions, RowLayout
-from steering.models import Encoded, SteeringModel, load_model
+from steering.models import Encoded, SteeringModel, load_model, wrap
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "At",

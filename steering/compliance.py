@@ -109,18 +109,13 @@ class ForcedChoiceScorer:
 
     # ---- tokens ----------------------------------------------------------------------------------------------
     def tokenize(self, variant: str, conversations: Sequence[Conversation]) -> tuple[list[list[int]], list[int]]:
-        """Token ids of each conversation and where its assistant turn starts (same for every cell)."""
+        """Token ids of each conversation (with the prefill) and where its assistant turn starts."""
         ids, starts = [], []
         for conv in conversations:
             messages = self.setting.messages(
                 option_message(conv.question, conv.order), conv.condition, variant, scratchpad=False
             )
-            head = self.model.format_chat(messages, add_generation_prompt=False)
-            full = self.model.format_chat(messages, add_generation_prompt=True) + self.prefill
-            row = self.model.tokenizer(full, add_special_tokens=False)["input_ids"]
-            start = len(self.model.tokenizer(head, add_special_tokens=False)["input_ids"])
-            if row[:start] != self.model.tokenizer(head, add_special_tokens=False)["input_ids"]:
-                raise ValueError("the chat template tokenizes differently with the generation prompt; cannot split it")
+            row, start = self.model.chat_ids(messages, suffix=self.prefill)
             ids.append(row)
             starts.append(start)
         return ids, starts

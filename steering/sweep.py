@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
+from steering.coefficients import relative_scale
 from steering.compliance import BASELINE, Cell, Conversation, ForcedChoiceScorer
+from steering.hooks import resolve_layer
 from steering.models import SteeringModel, load_model
 from steering.questions import Question, load_questions
 from steering.spec import DriverSpec, SweepSpec
@@ -57,87 +61,105 @@ def resolve_driver(model: SteeringModel, driver: DriverSpec, layers: Sequence[in
 
 def resolve_vectors(spec: SweepSpec, model: SteeringModel, progress: bool = True) -> dict[str, VectorSet]:
     """Every driver's VectorSet plus the random controls (same per-layer norms as ``control_like``)."""
-    for layer in spec.layers:
-        if not 0 <= layer < model.n_layers:
-            raise ValueError(f"spec layer {layer} is out of range: {model.name} has layers 0..{model.n_layers - 1}")
-    vectors = {d.name: resolve_driver(model, d, spec.layers, progress) for d in spec.drivers}
+    layers = spec_layers(spec, model)
+    vectors = {d.name: resolve_driver(model, d, layers, progress) for d in spec.drivers}
     for seed in spec.control_seeds:
         control = vectors[spec.control_like].random_like(seed)
         vectors[control.driver] = control
     return vectors
 
 
-def build_cells(spec: SweepSpec, vectors: dict[str, VectorSet], model: SteeringModel) -> list[Cell]:
-    """One cell per driver x layer x non-zero coefficient; relative coefficients are scaled by the layer norm."""
+def spec_layers(spec: SweepSpec, model: SteeringModel) -> list[int]:
+    """The spec's layers under the one layer rule (negative counts from the end), in the spec's order."""
+    return list(dict.fromkeys(resolve_layer(layer, model.n_layers) for layer in spec.layers))
+
+
+@dataclass
+class Grid:
+    """A sweep's cells: the baseline, every steered cell, and the coefficient-0 cells, which are copies of the
+    baseline stored under each driver and layer so tables are complete (the one place such rows are made)."""
+
+    steered: list[Cell]
+    zero: list[Cell]
+
+    @property
+    def scored(self) -> list[Cell]:
+        """The cells that are actually computed: the baseline first, then each steered cell."""
+        return [BASELINE, *self.steered]
+
+    @property
+    def stored(self) -> list[Cell]:
+        """Every cell that gets rows in the store."""
+        return [*self.scored, *self.zero]
+
+    def add_zero_rows(self, rows: list[dict], conditions: Sequence[str]) -> list[dict]:
+        """``rows`` plus a copy of each condition's baseline row per coefficient-0 cell (identical by construction)."""
+        base = {r["condition"]: r for r in rows if r["driver"] == BASELINE.driver}
+        for cell in self.zero:
+            for condition in conditions:
+                rows.append(dict(base[condition], driver=cell.driver, layer=cell.layer, coefficient=0.0))
+        return rows
+
+
+def build_grid(spec: SweepSpec, vectors: dict[str, VectorSet], model: SteeringModel) -> Grid:
+    """One cell per driver x layer x coefficient; relative coefficients are scaled by the layer's residual norm."""
     norms = model.residual_norms() if spec.relative else None
-    cells = []
+    steered, zero = [], []
     for name, vs in vectors.items():
-        for layer in spec.layers:
+        for layer in spec_layers(spec, model):
             vector = vs[layer]
-            scale = float(norms[layer]) / float(vector.norm()) if norms is not None else 1.0
-            cells += [Cell(name, layer, float(c), vector, scale) for c in spec.coefficients if c != 0]
-    return cells
+            scale = relative_scale(vector, float(norms[layer])) if norms is not None else 1.0
+            for c in spec.coefficients:
+                if c == 0:
+                    zero.append(Cell(name, layer, 0.0))
+                else:
+                    steered.append(Cell(name, layer, float(c), vector, scale))
+    return Grid(steered, zero)
 
 
-def _row_keys(spec: SweepSpec, model: str, variant: str, seed: int, question: str, cells: Sequence[Cell], zero_cells):
-    for cell in [*cells, *zero_cells]:
-        for condition in spec.conditions:
-            row = dict(
-                run=spec.name,
-                model=model,
-                driver=cell.driver,
-                layer=cell.layer,
-                coefficient=cell.coefficient,
-                variant=variant,
-                condition=condition,
-                question=question,
-                seed=seed,
-                scorer=spec.scorer,
-            )
-            yield tuple(row[k] for k in KEY_COLUMNS)
+@dataclass
+class SweepRun:
+    """What every block of one sweep shares: the spec, the model, the store, the grid, the scorer, the progress."""
 
+    spec: SweepSpec
+    model: SteeringModel
+    store: ResultStore
+    grid: Grid
+    scorer: Any
+    bar: Any = None
 
-def _zero_cells(spec: SweepSpec, vectors: dict[str, VectorSet]) -> list[Cell]:
-    """Coefficient-0 cells: identical to the baseline, stored under each driver and layer so tables are complete."""
-    if 0 not in spec.coefficients:
-        return []
-    return [Cell(name, layer, 0.0) for name in vectors for layer in spec.layers]
+    def row_keys(self, variant: str, seed: int, question: str) -> set[tuple]:
+        """Store keys of every row one question gets (all stored cells x conditions)."""
+        return {
+            tuple(self.row(variant, seed, question, cell, condition, None)[k] for k in KEY_COLUMNS)
+            for cell in self.grid.stored
+            for condition in self.spec.conditions
+        }
 
+    def row(
+        self, variant: str, seed: int, question: str, cell: Cell, condition: str, compliance: float | None, **extra
+    ) -> dict:
+        """A store row for one (cell, condition, question) score."""
+        return dict(
+            run=self.spec.name,
+            model=self.model.name,
+            driver=cell.driver,
+            layer=int(cell.layer),
+            coefficient=float(cell.coefficient),
+            variant=variant,
+            condition=condition,
+            question=question,
+            seed=seed,
+            scorer=self.spec.scorer,
+            compliance=None if compliance is None else float(compliance),
+            extra=json.dumps(extra),
+        )
 
-def _rows_for(spec, model_name, variant, seed, frame: pd.DataFrame, zero_cells) -> list[dict]:
-    rows = [
-        _row(spec, model_name, variant, seed, rec, {"letter_mass": round(float(rec["letter_mass"]), 6)})
-        for rec in frame.to_dict("records")
-    ]
-    return _add_zero_cells(rows, zero_cells, spec.conditions)
-
-
-def _row(spec, model_name, variant, seed, rec: dict, extra: dict) -> dict:
-    """A store row from one scored record (driver, layer, coefficient, condition, question, compliance)."""
-    compliance = rec["compliance"]
-    return dict(
-        run=spec.name,
-        model=model_name,
-        driver=rec["driver"],
-        layer=int(rec["layer"]),
-        coefficient=float(rec["coefficient"]),
-        variant=variant,
-        condition=rec["condition"],
-        question=rec["question"],
-        seed=seed,
-        scorer=spec.scorer,
-        compliance=None if compliance is None else float(compliance),
-        extra=json.dumps(extra),
-    )
-
-
-def _add_zero_cells(rows: list[dict], zero_cells, conditions) -> list[dict]:
-    """Copy the baseline rows under each (driver, layer) at coefficient 0: identical by construction."""
-    base = {r["condition"]: r for r in rows if r["driver"] == "none"}
-    for cell in zero_cells:
-        for condition in conditions:
-            rows.append(dict(base[condition], driver=cell.driver, layer=cell.layer, coefficient=0.0))
-    return rows
+    def commit(self, rows: list[dict]) -> None:
+        """Write one question's rows (plus its coefficient-0 copies) in one transaction."""
+        self.store.write_rows(self.grid.add_zero_rows(rows, self.spec.conditions))
+        if self.bar is not None:
+            self.bar.update()
 
 
 def run_sweep(
@@ -157,25 +179,22 @@ def run_sweep(
     try:
         vectors = resolve_vectors(spec, model, progress)  # before registering: a bad spec leaves no trace
         store.begin_run(spec.name, spec.to_dict(), model.name, library_versions())
-        cells = [BASELINE, *build_cells(spec, vectors, model)]
-        zero_cells = _zero_cells(spec, vectors)
         scorer = ForcedChoiceScorer(model, spec.setting) if spec.scorer == "forced-choice" else _judge_for(spec)
+        run = SweepRun(spec, model, store, build_grid(spec, vectors, model), scorer)
         done = store.done_keys(spec.name)
         plan = []
         for seed in spec.seeds:
             questions = load_questions(spec.questions, n=spec.n_questions, seed=seed if spec.n_questions else None)
             for variant in spec.variants:
-                todo = [
-                    q
-                    for q in questions
-                    if not set(_row_keys(spec, model.name, variant, seed, q.id, cells, zero_cells)) <= done
-                ]
+                todo = [q for q in questions if not run.row_keys(variant, seed, q.id) <= done]
                 plan.append((seed, variant, todo))
         total = sum(len(todo) for *_, todo in plan)
-        bar = tqdm(total=total, desc=f"sweep {spec.name}", unit="question", disable=not progress)
+        run.bar = tqdm(total=total, desc=f"sweep {spec.name}", unit="question", disable=not progress)
         for seed, variant, todo in plan:
-            _run_block(spec, model, scorer, store, seed, variant, todo, cells, zero_cells, bar)
-        bar.close()
+            if todo:
+                score = _run_judged if spec.scorer == "judge" else _run_forced_choice
+                score(run, seed, variant, todo)
+        run.bar.close()
         return store.frame(spec.name)
     finally:
         if own_store:
@@ -189,53 +208,46 @@ def _judge_for(spec: SweepSpec):
     return make_judge(spec.judge, judge_model, spec.judge_url)
 
 
-def _run_judged(spec, model, judge, store, seed: int, variant: str, todo: list[Question], cells, zero_cells, bar):
+def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) -> None:
     """Generate once per (question, condition) with one batch row per cell (steering ``generated`` tokens by
     default), judge every output, and commit the question's rows."""
     from steering.compliance import interventions_for
     from steering.scenario import load_setting
 
+    spec, cells = run.spec, run.grid.scored
     setting = load_setting(spec.setting)
     for question in todo:
-        records = []
+        rows = []
         for condition in spec.conditions:
             prompt = setting.messages(question.question, condition, variant, scratchpad=True)
             texts = []
             for lo in range(0, len(cells), spec.batch_size):
                 chunk = cells[lo : lo + spec.batch_size]
                 ivs = interventions_for(chunk, spec.positions)
-                texts += model.generate([prompt] * len(chunk), spec.max_new_tokens, ivs, seed=seed)
-            verdicts = judge(texts, [question.question] * len(texts))
+                texts += run.model.generate([prompt] * len(chunk), spec.max_new_tokens, ivs, seed=seed)
+            verdicts = run.scorer(texts, [question.question] * len(texts))
             for cell, verdict, text in zip(cells, verdicts, texts):
-                records.append(
-                    dict(
-                        driver=cell.driver,
-                        layer=cell.layer,
-                        coefficient=cell.coefficient,
-                        condition=condition,
-                        question=question.id,
-                        compliance=verdict.compliance,
-                        response=text,
-                    )
-                )
-        rows = [_row(spec, model.name, variant, seed, rec, {"response": rec["response"]}) for rec in records]
-        _add_zero_cells(rows, zero_cells, spec.conditions)
-        store.write_rows(rows)
-        bar.update()
+                rows.append(run.row(variant, seed, question.id, cell, condition, verdict.compliance, response=text))
+        run.commit(rows)
 
 
-def _run_block(spec, model, scorer, store, seed: int, variant: str, todo: list[Question], cells, zero_cells, bar):
-    if not todo:
-        return
-    if spec.scorer == "judge":
-        return _run_judged(spec, model, scorer, store, seed, variant, todo, cells, zero_cells, bar)
+def _run_forced_choice(run: SweepRun, seed: int, variant: str, todo: list[Question]) -> None:
+    """Score every conversation (question x condition x option order) of the block against every cell, committing
+    each question once both orders of every condition are scored."""
+    spec, cells = run.spec, run.grid.scored
     convs = [Conversation(q, c, order) for q in todo for c in spec.conditions for order in (0, 1)]
     per_question = 2 * len(spec.conditions)
     pending: list = []
-    for result in scorer.score_conversations(variant, convs, cells, spec.positions, batch_size=spec.batch_size):
+    for result in run.scorer.score_conversations(variant, convs, cells, spec.positions, batch_size=spec.batch_size):
         pending.append(result)
         if len(pending) == per_question:
             frame = ForcedChoiceScorer.to_frame(variant, cells, pending)
-            store.write_rows(_rows_for(spec, model.name, variant, seed, frame, zero_cells))
+            rows = [
+                run.row(
+                    variant, seed, rec["question"], Cell(rec["driver"], rec["layer"], rec["coefficient"]),
+                    rec["condition"], rec["compliance"], letter_mass=round(float(rec["letter_mass"]), 6),
+                )
+                for rec in frame.to_dict("records")
+            ]  # fmt: skip
+            run.commit(rows)
             pending = []
-            bar.update()

@@ -133,3 +133,18 @@ class StepOracle:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def steered_positions(calls: list[torch.Tensor], lengths: list[int], width: int, recompute: bool) -> list[set]:
+    """Row positions steered per row, from the oracle's per-call masks: the prefill is left-padded to ``width``;
+    later calls feed one token each (KV cache) or the whole sequence again (``recompute``)."""
+    seen = [set() for _ in lengths]
+    for k, mask in enumerate(calls):
+        for b, n in enumerate(lengths):
+            if k == 0 or recompute:
+                offset = mask.shape[1] - (n + k)  # left padding of this row in this call
+                pos = [t - offset for t in mask[b].nonzero().flatten().tolist()]
+            else:
+                pos = [n + k - 1] if bool(mask[b, 0]) else []
+            seen[b].update(pos)
+    return seen

@@ -8,10 +8,17 @@ import pytest
 import torch
 from conftest import build_tiny, padded_batch
 
-from steering.backends import BACKENDS, NNsightModel, TransformerLensModel, hf_module, wrap, wrap_backend
-from steering.hooks import Intervention, RowLayout
-from steering.hooks.backends import Plan
-from steering.models import Encoded, SteeringModel
+from steering.hooks import Intervention, Plan, RowLayout
+from steering.models import (
+    BACKENDS,
+    Encoded,
+    NNsightModel,
+    SteeringModel,
+    TransformerLensModel,
+    hf_module,
+    wrap,
+    wrap_backend,
+)
 
 OTHER = [b for b in BACKENDS if b != "hf"]
 ARCHS = ["llama", "qwen2", "gemma3"]
@@ -210,16 +217,16 @@ def test_nnsight_residual_norms_match(pairs, enc):
 
 def test_vectors_and_masks_follow_the_layer_device():
     """device_map="auto": a layer may live on another device than the embeddings (where positions are computed).
-    Faked on the CPU with the meta device: the plan moves the mask, the intervention caches a vector per device."""
+    Faked on the CPU with the meta device: the plan moves the mask and converts the vector once per device."""
     iv = Intervention(0, torch.ones(8), torch.tensor([1.0, 2.0]), positions=[(1, 3)])
     plan = Plan([iv], n_layers=2, d_model=8)
     ids, mask = padded_batch([4, 2])
     plan.tracker(None, (), {"input_ids": ids, "attention_mask": mask})
-    out = plan.apply(0, torch.zeros(2, 4, 8, device="meta"))
+    out = plan.edit(0, torch.zeros(2, 4, 8, device="meta"))
     assert out.device.type == "meta" and out.shape == (2, 4, 8)
-    cpu = plan.apply(0, torch.zeros(2, 4, 8))
+    cpu = plan.edit(0, torch.zeros(2, 4, 8))
     assert cpu[0, :, 0].tolist() == [0.0, 1.0, 1.0, 0.0] and cpu[1, :, 0].tolist() == [0.0, 0.0, 0.0, 2.0]
-    assert {key[0].type for key in iv._cache} == {"meta", "cpu"}
+    assert {key[1].type for key in plan._on_device} == {"meta", "cpu"}
 
 
 def test_wrap_accepts_bridges_nnsight_models_and_steering_models(pairs, tokenizer):

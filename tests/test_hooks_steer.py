@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, build_gemma3_multimodal, build_tiny, padded_batch
+from conftest import ARCHITECTURES, StepOracle, build_gemma3_multimodal, build_tiny, padded_batch, steered_positions
 
 from steering.hooks import Intervention, RowLayout, capture, find_layers, steer
 
@@ -26,6 +26,14 @@ def record_outputs(model: torch.nn.Module, ids, mask) -> list[torch.Tensor]:
         for h in handles:
             h.remove()
     return outs
+
+
+def assert_shifted(got: torch.Tensor, base: torch.Tensor, coef: float, vec: torch.Tensor) -> None:
+    """``got`` is ``base + coef * vec`` to within one float32 ulp of the exact value (computed in float64): a fused
+    multiply-add gives the correctly rounded sum, a multiply then an add are within one ulp of it."""
+    exact = base.double() + coef * vec.double()
+    ulp = (torch.nextafter(got.abs(), torch.tensor(float("inf"))) - got.abs()).double()
+    assert ((got.double() - exact).abs() <= ulp).all()
 
 
 def unit(seed: int = 1, d: int = D) -> torch.Tensor:
@@ -55,8 +63,7 @@ def test_steered_layer_shifted_exactly_and_only_there(tiny_llama, positions):
             want[b] |= (row_pos[b] >= start) & ((row_pos[b] < end) if end is not None else True) & mask[b].bool()
     assert want.any() and (~want).any()
     diff = steered[layer] - base[layer]
-    expected = base[layer] + coef * vec
-    assert torch.equal(steered[layer][want], expected[want])
+    assert_shifted(steered[layer][want], base[layer][want], coef, vec)
     assert torch.equal(diff[~want], torch.zeros_like(diff[~want]))
     # Above: changed.
     assert not torch.allclose(steered[2], base[2])
@@ -74,23 +81,6 @@ def test_coefficient_zero_is_bit_identical(tiny_llama):
     assert torch.equal(gen_plain, gen_zero)
 
 
-class Oracle(Intervention):
-    """Records the row positions it touched in every forward call (through the tracker it is given)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.seen: list[set] = []
-        self.tracker = None
-
-    def apply(self, hidden, mask):
-        pos = self.tracker.positions
-        if not self.seen:
-            self.seen = [set() for _ in range(hidden.shape[0])]
-        for b in range(hidden.shape[0]):
-            self.seen[b].update(pos[b][mask[b]].tolist())
-        return super().apply(hidden, mask)
-
-
 LENGTHS = [4, 7, 5]
 NEW = 4
 
@@ -101,13 +91,13 @@ def test_position_oracle_under_kv_cache_generation(tiny_llama, mode):
     response_start = torch.tensor([2, 5, 3])
     layout = RowLayout(prompt_len=torch.tensor(LENGTHS), response_start=response_start)
     positions = [(3, 6)] if mode == "ranges" else mode
-    oracle = Oracle(1, unit(), 1.0, positions=positions)
-    with steer(tiny_llama, oracle, layout=layout) as tracker:
-        oracle.tracker = tracker
+    with StepOracle(tiny_llama, 1) as oracle, steer(tiny_llama, Intervention(1, unit(), 1.0, positions), layout):
+        oracle.arm()
         with torch.no_grad():
             tiny_llama.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False
             )
+    seen = steered_positions(oracle.calls, LENGTHS, ids.shape[1], recompute=False)
     for b, n in enumerate(LENGTHS):
         every = set(range(n + NEW - 1))  # the last sampled token is never fed back
         expected = {
@@ -117,17 +107,18 @@ def test_position_oracle_under_kv_cache_generation(tiny_llama, mode):
             "response": set(range(int(response_start[b]), n + NEW - 1)),
             "ranges": {3, 4, 5} & every,
         }[mode]
-        assert oracle.seen[b] == expected, (mode, b)
+        assert seen[b] == expected, (mode, b)
 
 
 def test_prompt_inferred_without_layout(tiny_llama):
     ids, mask = padded_batch(LENGTHS, side="left", seed=3)
-    oracle = Oracle(0, unit(), 1.0, positions="generated")
-    with steer(tiny_llama, oracle) as tracker:
-        oracle.tracker = tracker
+    with StepOracle(tiny_llama, 0) as oracle, steer(tiny_llama, Intervention(0, unit(), 1.0, positions="generated")):
+        oracle.arm()
         with torch.no_grad():
             tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3)
-    assert oracle.seen == [set(range(n, n + 2)) for n in LENGTHS]
+    assert steered_positions(oracle.calls, LENGTHS, ids.shape[1], recompute=False) == [
+        set(range(n, n + 2)) for n in LENGTHS
+    ]
 
 
 def test_kv_cache_generation_equals_full_recompute(tiny_llama):

@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import StepOracle, padded_batch
+from conftest import StepOracle, padded_batch, steered_positions
 
 from steering.hooks import Intervention, PositionTracker, RowLayout, find_stack, steer
 
@@ -29,21 +29,6 @@ def cache_names(model) -> list[str]:
     """KV-cache keyword names the installed transformers accepts (``cache`` from 5.24 on)."""
     params = inspect.signature(find_stack(model).forward).parameters
     return ["past_key_values"] + (["cache"] if "cache" in params else [])
-
-
-def steered_positions(calls: list[torch.Tensor], lengths: list[int], width: int, recompute: bool) -> list[set]:
-    """Row positions steered per row, from the oracle's per-call masks: the prefill is left-padded to ``width``;
-    later calls feed one token each (KV cache) or the whole sequence again (``recompute``)."""
-    seen = [set() for _ in lengths]
-    for k, mask in enumerate(calls):
-        for b, n in enumerate(lengths):
-            if k == 0 or recompute:
-                offset = mask.shape[1] - (n + k)  # left padding of this row in this call
-                pos = [t - offset for t in mask[b].nonzero().flatten().tolist()]
-            else:
-                pos = [n + k - 1] if bool(mask[b, 0]) else []
-            seen[b].update(pos)
-    return seen
 
 
 def expected(mode: str, n: int, fed: int) -> set:

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from steering import SteeringModel
+from steering.hooks import resolve_layers
 from steering.vectors import (
     ContrastPair,
     best_layers,
@@ -22,7 +23,6 @@ from steering.vectors import (
     pca,
     probe,
     projection_quality,
-    resolve_layers,
 )
 from steering.vectors.extract import completion_span
 
@@ -147,13 +147,13 @@ def test_bad_arguments_get_clear_errors(tiny):
         extract(tiny, pairs, layers=[5], progress=False)
     with pytest.raises(ValueError, match="unknown method 'svm'"):
         extract(tiny, pairs, method="svm", progress=False)
-    with pytest.raises(ValueError, match="unknown position"):
+    with pytest.raises(ValueError, match="unknown read position"):
         extract(tiny, pairs, position="first", progress=False)
     with pytest.raises(ValueError, match="unknown normalize"):
         extract(tiny, pairs, normalize="l1", progress=False)
     with pytest.raises(ValueError, match="ContrastPair objects"):
         extract(tiny, [("q", "(A", "(B")], progress=False)
-    assert resolve_layers(tiny, -1) == [2]
+    assert resolve_layers(-1, tiny.n_layers) == [2]
 
 
 def test_pair_texts_use_the_chat_template_and_letter_last(tiny):

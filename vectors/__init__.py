@@ -19,12 +19,12 @@ from .datasets import (
     load_mwe_jsonl,
     load_pairs,
 )
-from .extract import NORMALIZATIONS, POSITIONS, collect_activations, extract, pair_texts, resolve_layers
+from .extract import NORMALIZATIONS, READ_POSITIONS, collect_activations, extract, pair_texts
 from .gguf_export import export_gguf, read_gguf
 from .methods import METHODS, mean_diff, pca, probe
 from .pairs import ContrastPair, answer_completion, caa_pair, has_splits, pairs_sha256, select_split
-from .quality import best_layers, layer_quality, projection_quality, quality_table
-from .vectorset import FORMAT, VectorSet, VectorTransferWarning
+from .quality import layer_quality, projection_quality, quality_table
+from .vectorset import FORMAT, VectorSet, VectorTransferWarning, best_layers
 
 __all__ = [
     "DATA_DIR",
@@ -32,7 +32,7 @@ __all__ = [
     "FORMAT",
     "METHODS",
     "NORMALIZATIONS",
-    "POSITIONS",
+    "READ_POSITIONS",
     "ContrastPair",
     "VectorSet",
     "VectorTransferWarning",
@@ -60,6 +60,5 @@ __all__ = [
     "projection_quality",
     "quality_table",
     "read_gguf",
-    "resolve_layers",
     "select_split",
 ]

@@ -8,13 +8,13 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from steering.hooks import At
+from steering.hooks import At, resolve_layers
 
 from .methods import Method, get_method
 from .pairs import ContrastPair, pairs_sha256
 from .vectorset import VectorSet
 
-POSITIONS = ("answer", "last", "mean")
+READ_POSITIONS = ("answer", "last", "mean")  # where extraction reads each text (not where steering acts)
 NORMALIZATIONS = ("unit", "none", "residual")
 
 
@@ -40,30 +40,6 @@ def pair_texts(model: ChatModel, pair: ContrastPair) -> tuple[str, str, str]:
     else:
         prefix = pair.prompt + "\n"
     return prefix, prefix + pair.positive, prefix + pair.negative
-
-
-def resolve_layers(model: ChatModel, layers: str | int | Sequence[int]) -> list[int]:
-    """``"all"``, an int, ``"3,5,7"`` or a list of ints (negative counts from the end) -> sorted layer indices."""
-    n = int(model.n_layers)
-    if isinstance(layers, str):
-        if layers == "all":
-            return list(range(n))
-        try:
-            layers = [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(
-                f"layers={layers!r} is not understood; pass 'all', an int or a list like '3,5,7'"
-            ) from None
-    elif isinstance(layers, int):
-        layers = [layers]
-    out = set()
-    for layer in layers:
-        if not -n <= int(layer) < n:
-            raise ValueError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
-        out.add(int(layer) % n)
-    if not out:
-        raise ValueError("no layers requested; pass 'all' or at least one layer index")
-    return sorted(out)
 
 
 def _row_ids(enc: Any) -> list[list[int]]:
@@ -109,11 +85,11 @@ def collect_activations(
     from tqdm.auto import tqdm
 
     pairs = _check_pairs(pairs)
-    if position not in POSITIONS:
-        raise ValueError(f"unknown position {position!r}; use one of {', '.join(POSITIONS)}")
+    if position not in READ_POSITIONS:
+        raise ValueError(f"unknown read position {position!r}; use one of {', '.join(READ_POSITIONS)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    layers = resolve_layers(model, layers)
+    layers = resolve_layers(layers, int(model.n_layers))
     texts = [pair_texts(model, p) for p in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -max(len(texts[i][1]), len(texts[i][2])))
     pos_out = {layer: torch.empty(len(pairs), model.d_model) for layer in layers}
@@ -201,7 +177,7 @@ def extract(
         raise ValueError(f"unknown normalize={normalize!r}; use one of {', '.join(NORMALIZATIONS)}")
     method_name, fn = get_method(method)
     pairs = _check_pairs(pairs)
-    layers = resolve_layers(model, layers)
+    layers = resolve_layers(layers, int(model.n_layers))
     pos, neg = collect_activations(model, pairs, layers, position, batch_size, progress, padding_side)
     norms = model.residual_norms() if normalize == "residual" else None
     vectors = {}

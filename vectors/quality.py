@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import pandas as pd
 from torch import Tensor
@@ -50,15 +49,3 @@ def layer_quality(
     vectorset.check_model(model, strict=False)
     pos, neg = collect_activations(model, pairs, vectorset.layers, vectorset.position, batch_size, progress)
     return quality_table(vectorset, pos, neg)
-
-
-def best_layers(quality: Any, k: int = 1) -> list[int]:
-    """The ``k`` best layers of a quality table: highest accuracy, ties broken by separation."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    df = pd.DataFrame(quality)
-    missing = {"layer", "accuracy", "separation"} - set(df.columns)
-    if missing:
-        raise ValueError(f"the quality table lacks {', '.join(sorted(missing))}; build it with layer_quality(...)")
-    ranked = df.sort_values(["accuracy", "separation", "layer"], ascending=[False, False, True], kind="stable")
-    return [int(x) for x in ranked["layer"].head(k)]

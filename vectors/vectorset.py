@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -134,8 +135,6 @@ class VectorSet:
             raise ValueError(
                 "this VectorSet has no quality table; set vs.quality = layer_quality(model, vs, test_pairs)"
             )
-        from .quality import best_layers
-
         return best_layers(self.quality, k)
 
     # ---- controls ----------------------------------------------------------------------------------------
@@ -249,3 +248,15 @@ class VectorSet:
                 VectorTransferWarning,
                 stacklevel=3,
             )
+
+
+def best_layers(quality: Any, k: int = 1) -> list[int]:
+    """The ``k`` best layers of a quality table: highest accuracy, ties broken by separation."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    df = pd.DataFrame(quality)
+    missing = {"layer", "accuracy", "separation"} - set(df.columns)
+    if missing:
+        raise ValueError(f"the quality table lacks {', '.join(sorted(missing))}; build it with layer_quality(...)")
+    ranked = df.sort_values(["accuracy", "separation", "layer"], ascending=[False, False, True], kind="stable")
+    return [int(x) for x in ranked["layer"].head(k)]

@@ -15,11 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..capture import At
-from ..intervene import _replace_hidden, hidden_of
-from ..layers import find_layers, find_layers_path
+from ..capture import At, select_rows
+from ..layers import find_layers, find_layers_path, hidden_of, replace_hidden, resolve_layers
+from ..plan import Plan
 from ..positions import PositionTracker
-from . import Plan, capture_layers, select
 
 # Model inputs of one row each; every other keyword of a generate call is a generation option.
 INPUT_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "position_ids")
@@ -66,7 +65,7 @@ def _read_positions(lm, stack, trackers: Sequence[PositionTracker]) -> None:
     """Feed the inputs of the current forward call to each tracker (outer model first: its 2-D mask)."""
     if not trackers:
         return
-    if stack is not lm and hasattr(trackers[0], "_remember_mask"):
+    if stack is not lm:
         args, kwargs = lm.inputs
         for tracker in trackers:
             tracker._remember_mask(None, args, kwargs)
@@ -87,11 +86,11 @@ def _edit_layers(blocks, plans: Sequence[Plan], upto: int | None = None, capture
         hidden = hidden_of(output)
         edited = hidden
         for plan in plans:
-            edited = plan.apply(i, edited)
-        if edited is not hidden:
-            block.output = _replace_hidden(output, edited)
+            edited = plan.edit(i, edited)
+        if plans and i in {j for plan in plans for j in plan.layers}:
+            block.output = replace_hidden(output, edited)  # also after an in-place edit: nnsight tracks assignments
         if capture and i in capture[0]:
-            capture[1][i] = select(edited, capture[2], capture[3])
+            capture[1][i] = select_rows(edited, capture[2].positions, capture[3])
 
 
 def _trace_kwargs(remote: bool) -> dict:
@@ -159,8 +158,8 @@ def capture(
     import nnsight
 
     stack, blocks, n = _envoys(lm, layers_path)
-    wanted = capture_layers(layers, n)
-    spec = At.parse(at, input_ids.shape[0])
+    wanted = resolve_layers(layers, n)
+    read_at = At.parse(at, input_ids.shape[0])
     tracker = PositionTracker()
     inputs = {"input_ids": input_ids}
     if attention_mask is not None:
@@ -169,7 +168,7 @@ def capture(
     with torch.no_grad(), lm.trace(inputs, use_cache=False, **_trace_kwargs(remote)) as tracer:
         saved = nnsight.save({})
         _read_positions(lm, stack, trackers)
-        _edit_layers(blocks, plans, upto=wanted[-1], capture=(wanted, saved, tracker, spec))
+        _edit_layers(blocks, plans, upto=wanted[-1], capture=(wanted, saved, tracker, read_at))
         tracer.stop()
     return {int(i): saved[int(i) % n] for i in layers}
 

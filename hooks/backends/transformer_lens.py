@@ -16,11 +16,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..capture import At
-from ..intervene import Intervention, model_d_model
-from ..layers import find_layers, find_stack
+from ..capture import At, select_rows
+from ..intervention import Intervention
+from ..layers import find_layers, find_stack, model_d_model, resolve_layers
+from ..plan import Plan
 from ..positions import PositionTracker, RowLayout
-from . import Plan, attach_tracker, capture_layers, select
 
 RESID_POST = "blocks.{}.hook_resid_post"
 
@@ -87,7 +87,7 @@ def alias_cache_kwarg(bridge: nn.Module) -> None:
 
 def _group_hook(plan: Plan, layer: int):
     def hook(tensor: Tensor, hook) -> Tensor:
-        return plan.apply(layer, tensor)
+        return plan.edit(layer, tensor)
 
     return hook
 
@@ -104,7 +104,7 @@ def steer(
     model = hf_model(bridge)
     plan = Plan(interventions, len(find_layers(model, layers_path)), model_d_model(model), layout)
     hooks = [(RESID_POST.format(i), _group_hook(plan, i)) for i in plan.layers]
-    handles = attach_tracker(plan.tracker, model, find_stack(model, layers_path))
+    handles = plan.tracker.attach(model, find_stack(model, layers_path))
     try:
         with bridge.hooks(fwd_hooks=hooks):
             yield plan.tracker
@@ -124,18 +124,18 @@ def capture(
     """Residual stream ``{layer: [B, d]}`` (or ``[B, k, d]``) from ``blocks.{L}.hook_resid_post`` in one bridge
     forward that stops after the deepest requested layer."""
     model = hf_model(bridge)
-    wanted = capture_layers(layers, len(find_layers(model, layers_path)))
-    spec = At.parse(at, input_ids.shape[0])
+    wanted = resolve_layers(layers, len(find_layers(model, layers_path)))
+    read_at = At.parse(at, input_ids.shape[0])
     tracker = PositionTracker()
     out: dict[int, Tensor] = {}
 
     def make_hook(index: int):
         def hook(tensor: Tensor, hook) -> None:
-            out[index] = select(tensor, tracker, spec)
+            out[index] = select_rows(tensor, tracker.positions, read_at)
 
         return hook
 
-    handles = attach_tracker(tracker, model, find_stack(model, layers_path))
+    handles = tracker.attach(model, find_stack(model, layers_path))
     try:
         with bridge.hooks(fwd_hooks=[(RESID_POST.format(i), make_hook(i)) for i in wanted]), torch.no_grad():
             bridge(

@@ -1,4 +1,5 @@
-"""Load a causal LM and wrap it with what steering needs: layers, d_model, chat formatting, residual norms."""
+"""``SteeringModel``: a causal LM with what steering needs (layers, d_model, chat formatting, residual norms) and
+the steering API every backend shares (``encode``, ``capture``, ``intervention``, ``steer``, ``generate``)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,24 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from steering.coefficients import relative_scale
 from steering.hooks import (
     Intervention,
+    Plan,
     RowLayout,
     capture,
     find_layers,
     find_layers_path,
+    find_stack,
     mean_norms,
     model_d_model,
-    steer,
+    resolve_layer,
+    resolve_layers,
+    steer_module,
 )
 
 log = logging.getLogger("steering")
@@ -69,6 +74,7 @@ class SteeringModel:
         self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
         self.layers_path = find_layers_path(model, layers_path)
         self.layers = find_layers(model, self.layers_path)
+        self.stack = find_stack(model, self.layers_path)  # receives the mask, position ids and KV cache
         self.n_layers = len(self.layers)
         self.d_model = model_d_model(model)
         if self.d_model is None:
@@ -107,6 +113,18 @@ class SteeringModel:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"]
 
+    def chat_ids(self, messages: Sequence[dict], suffix: str = "") -> tuple[list[int], int]:
+        """Token ids of ``messages`` with the generation prompt (assistant header) and ``suffix`` (e.g. a prefill),
+        and ``response_start``: where the assistant header begins. The one place that computes it."""
+        head = self._ids(self.format_chat(messages, add_generation_prompt=False))
+        ids = self._ids(self.format_chat(messages, add_generation_prompt=True) + suffix)
+        if ids[: len(head)] != head:
+            raise ValueError(
+                "the chat template tokenizes the conversation differently once the assistant header is added, so "
+                "where the response starts is ambiguous; use a template whose header only appends tokens"
+            )
+        return ids, len(head)
+
     def encode(self, prompts: Sequence[Prompt] | Prompt, padding_side: str = "left") -> Encoded:
         """Tokenize strings or chat conversations into a padded batch with its ``RowLayout``.
 
@@ -123,8 +141,9 @@ class SteeringModel:
                 rows.append(self._ids(prompt))
                 starts.append(None)
             else:
-                rows.append(self._ids(self.format_chat(prompt, add_generation_prompt=True)))
-                starts.append(len(self._ids(self.format_chat(prompt, add_generation_prompt=False))))
+                ids, start = self.chat_ids(prompt)
+                rows.append(ids)
+                starts.append(start)
         return self._pad(rows, starts, padding_side)
 
     def _pad(self, rows: list[list[int]], starts: list[int | None], padding_side: str) -> Encoded:
@@ -145,9 +164,17 @@ class SteeringModel:
     # ---- residual stream ----------------------------------------------------------------------------------
     def capture(self, prompts: Sequence[Prompt] | Encoded, layers: Sequence[int] | str = "all", at="last"):
         """Residual stream ``{layer: [B, d]}`` at ``layers`` and positions ``at`` (see ``steering.hooks.At``)."""
+        enc = self._encoded(prompts)
+        return capture(self.model, enc.input_ids, enc.attention_mask, self._layers(layers), at, self.layers_path)
+
+    def _encoded(self, prompts: Sequence[Prompt] | Encoded) -> Encoded:
+        """``prompts`` encoded (as given if already), checked against the context window."""
         enc = prompts if isinstance(prompts, Encoded) else self.encode(prompts)
-        layers = range(self.n_layers) if layers == "all" else layers
-        return capture(self.model, enc.input_ids, enc.attention_mask, layers, at, self.layers_path)
+        self.check_context(enc)
+        return enc
+
+    def _layers(self, layers: Sequence[int] | str | int) -> list[int]:
+        return resolve_layers(layers, self.n_layers)
 
     def residual_norms(self) -> Tensor:
         """Mean L2 norm of the residual stream per layer [n_layers] on fixed neutral text (first token skipped)."""
@@ -169,18 +196,23 @@ class SteeringModel:
         mean residual norm (so one coefficient means the same on models whose residual scales differ)."""
         vector = torch.as_tensor(vector, dtype=torch.float32)
         if relative:
-            if vector.dim() != 1 or float(vector.norm()) == 0.0:
-                raise ValueError("relative coefficients need a non-zero [d_model] vector")
-            scale = float(self.residual_norms()[layer]) / float(vector.norm())
+            scale = relative_scale(vector, float(self.residual_norms()[resolve_layer(layer, self.n_layers)]))
             coefficient = torch.as_tensor(coefficient, dtype=torch.float32) * scale
             coefficient = float(coefficient) if coefficient.dim() == 0 else coefficient
         return Intervention(layer, vector, coefficient, positions, operation)
 
     @contextmanager
     def steer(self, interventions: Intervention | Sequence[Intervention], layout: RowLayout | None = None) -> Iterator:
-        """Context manager: every forward pass inside is steered; hooks are removed on exit and on exceptions."""
-        with steer(self.model, interventions, layout, self.layers_path) as tracker:
-            yield tracker
+        """Context manager: every forward pass inside is steered; hooks are removed on exit and on exceptions.
+
+        Yields the position tracker (``.positions``: row positions of the last forward call)."""
+        plan = Plan(interventions, self.n_layers, self.d_model, layout)
+        handles = steer_module(self.model, plan, self.layers, self.stack)
+        try:
+            yield plan.tracker
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ---- generation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -222,56 +254,3 @@ class SteeringModel:
                 f"a prompt has {n_tokens} tokens but {self.name} takes at most {limit}; shorten the prompt or "
                 "the system prompt variant"
             )
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        return getattr(torch, dtype)
-    except AttributeError:
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'") from None
-
-
-def load_model(
-    spec: str | Path = "default",
-    dtype: str | torch.dtype = "float32",
-    device: str = "cpu",
-    backend: str = "hf",
-    trust_remote_code: bool = False,
-    layers_path: str | None = None,
-) -> SteeringModel:
-    """Load a causal LM: a hub id, a local folder, a ``.gguf`` file, or ``"default"`` (the offline default model).
-
-    ``device="auto"`` spreads a large model over the available GPUs (``device_map="auto"``). Remote code runs
-    only with ``trust_remote_code=True``.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from steering.default_model import DEFAULT_NAME, fetch_default_model
-
-    name = str(spec)
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
-    if name == "default":
-        source, name = fetch_default_model(), DEFAULT_NAME
-    elif name.endswith(".gguf"):
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise ValueError(f"GGUF file {path} does not exist; check the path")
-        source, kwargs["gguf_file"] = path.parent, path.name
-    else:
-        source = Path(name).expanduser() if Path(name).expanduser().exists() else name
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model_kwargs = dict(kwargs, dtype=_resolve_dtype(dtype))
-    if device == "auto":
-        model_kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
-    if device != "auto":
-        model.to(device)
-    model.eval()
-    wrapped = SteeringModel(model, tokenizer, name=name, layers_path=layers_path)
-    if backend != "hf":
-        from steering.backends import wrap_backend
-
-        wrapped = wrap_backend(wrapped, backend)
-    return wrapped

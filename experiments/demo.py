@@ -1,10 +1,10 @@
-"""``make demo``: the quickstart study when available, else a toy steering demo on the default model."""
+"""The toy steering demo (``steering demo --quick``): a direction from two tiny contrast sets, steered both ways."""
 
 from __future__ import annotations
 
 import torch
 
-from steering.models import SteeringModel, load_model
+from steering.models import SteeringModel
 
 TOY_POSITIVE = (
     "I love animals and I always try to protect them from suffering.",
@@ -41,16 +41,3 @@ def run_toy(model: SteeringModel, layer: int | None = None, coefficient: float =
     for sign, text in rows:
         print(f"[steered {'+' if sign > 0 else '-'}{coefficient} toward {'caring' if sign > 0 else 'dismissive'}]")
         print(f"{text.strip()}\n")
-
-
-def run_demo(spec: str = "default", quick: bool = False) -> None:
-    model = load_model(spec)
-    if not quick:
-        try:
-            from steering.experiments.quickstart import run_quickstart
-        except ImportError:
-            run_quickstart = None
-        if run_quickstart is not None:
-            run_quickstart(model)
-            return
-    run_toy(model)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from steering.cli import command
+NAME = "gap"
+HELP = "measure the compliance gap of one prompt variant (forced choice or generation + judge)"
 
 
-def _configure(p: argparse.ArgumentParser) -> None:
+def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="hub id, local folder, .gguf file or 'default'")
     p.add_argument("--prompt", default="base", help="system prompt variant (see `steering gap --list`)")
     p.add_argument("--setting", default="animal_welfare")
@@ -23,8 +24,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the prompt variants and exit")
 
 
-@command("gap", "measure the compliance gap of one prompt variant (forced choice or generation + judge)")
-def cmd_gap(args: argparse.Namespace) -> None:
+def execute(args: argparse.Namespace) -> None:
     from steering.scenario import load_setting
 
     setting = load_setting(args.setting)
@@ -60,6 +60,3 @@ def cmd_gap(args: argparse.Namespace) -> None:
     )
     if stats.get("n_unjudged"):
         print(f"  unjudged rows           {stats['n_unjudged']}")
-
-
-cmd_gap.configure = _configure

@@ -1,0 +1,159 @@
+"""The hooks engine: one steering context's interventions, grouped per layer and resolved once per forward call.
+
+Every backend drives a ``Plan`` the same way:
+
+1. before the decoder blocks run, hand it the row positions of the call's tokens: ``plan.tracker`` is a forward
+   pre-hook for a transformers-style decoder stack (it reads the mask / position ids / KV cache), or call
+   ``plan.begin(positions, layout, rows)`` directly (vLLM's flattened steps);
+2. at each planned layer's output, ``hidden = plan.edit(layer, hidden)``.
+
+Per call, each distinct (positions, coefficient) gets one scale tensor (``coefficient x mask``) shared by every layer
+that uses it, and the edits are fused in-place updates (``addcmul_``) unless autograd needs the original tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .intervention import Intervention
+from .layers import hidden_of, replace_hidden
+from .positions import Positions, PositionTracker, RowLayout, check_layout, covered
+
+
+class Plan:
+    """Interventions grouped per layer (``groups``: layer index -> interventions, in the order given)."""
+
+    def __init__(
+        self,
+        interventions: Intervention | Sequence[Intervention],
+        n_layers: int,
+        d_model: int | None,
+        layout: RowLayout | None = None,
+    ):
+        ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        for iv in ivs:
+            if not isinstance(iv, Intervention):
+                raise ValueError(f"expected Intervention objects, got {type(iv).__name__}")
+        check_layout([iv.positions for iv in ivs], layout)
+        self.groups: dict[int, list[Intervention]] = {}
+        for iv in ivs:
+            self.groups.setdefault(iv.check(n_layers, d_model), []).append(iv)
+        self._live = [iv for iv in ivs if not iv.is_noop]  # coefficient-0 adds are skipped: bit-identical
+        self.tracker = PositionTracker(layout, on_call=lambda tracker: self.begin(tracker.positions, tracker.layout))
+        self._call: _Call | None = None
+        self._on_device: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+
+    @property
+    def layers(self) -> list[int]:
+        """Decoder-block indices this plan edits, ascending."""
+        return sorted(self.groups)
+
+    def begin(self, positions: Tensor, layout: RowLayout | None, rows: Tensor | None = None) -> None:
+        """Resolve every intervention's mask for one forward call (errors surface here, before any layer runs).
+
+        ``positions``: row positions of the call's tokens, [B, T] (batch rows x tokens; -1 = padding) or, with
+        ``rows`` [N] (each token's row), flattened [N]. ``layout`` gives each row's ``prompt_len`` /
+        ``response_start``.
+        """
+        n_rows = positions.shape[0] if rows is None else (int(rows.max()) + 1 if rows.numel() else 0)
+        masks: dict[Positions, Tensor] = {}
+        for iv in self._live:
+            if iv.positions not in masks:
+                lo, hi = iv.positions.bounds(layout, n_rows, positions.device)
+                lo, hi = (lo[:, None, :], hi[:, None, :]) if rows is None else (lo[rows], hi[rows])
+                masks[iv.positions] = covered(positions, lo, hi)
+            coef = iv.coefficient
+            if isinstance(coef, Tensor) and coef.shape[0] != n_rows:
+                raise ValueError(
+                    f"{coef.shape[0]} per-row coefficients but the batch has {n_rows} rows; pass one coefficient "
+                    "per row (or a scalar)"
+                )
+        touched = {spec: bool(mask.any()) for spec, mask in masks.items()}
+        self._call = _Call(masks, touched, rows)
+
+    def edit(self, layer: int, hidden: Tensor) -> Tensor:
+        """The residual stream after this plan's interventions at ``layer``; ``hidden`` [B, T, d] (or [N, d] for a
+        flattened call). Edited in place where autograd allows; the returned tensor is the one to use."""
+        group = self.groups.get(layer)
+        if not group:
+            return hidden
+        call = self._call
+        if call is None:
+            raise RuntimeError("no forward call seen yet: feed the plan the call's positions first (plan.begin)")
+        in_place = not (torch.is_grad_enabled() and hidden.requires_grad)
+        for iv in group:
+            if iv.is_noop or not call.touched[iv.positions]:
+                continue
+            vector, unit = self._tensors(iv, hidden)
+            if iv.operation != "add":
+                weight = call.weight(iv.positions, 1.0, hidden)
+                removed = (hidden @ unit).unsqueeze(-1) * weight  # [..., 1]
+                hidden = hidden.addcmul_(removed, unit, value=-1) if in_place else hidden - removed * unit
+            if iv.operation != "ablate":
+                scale = call.weight(iv.positions, iv.coefficient, hidden)
+                hidden = hidden.addcmul_(scale, vector) if in_place else hidden + scale * vector
+        return hidden
+
+    def hook(self, layer: int):
+        """A forward hook for decoder block ``layer`` (its output is a tensor or a tuple led by the tensor)."""
+
+        def edit_output(module: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple:
+            hidden = hidden_of(output)
+            edited = self.edit(layer, hidden)
+            return output if edited is hidden else replace_hidden(output, edited)
+
+        return edit_output
+
+    def _tensors(self, iv: Intervention, like: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The vector (and its unit direction, for ablation) on ``like``'s device and dtype, converted once."""
+        key = (id(iv), like.device, like.dtype)
+        if key not in self._on_device:
+            vector = iv.vector.to(device=like.device, dtype=like.dtype)
+            unit = None
+            if iv.operation != "add":
+                unit = (iv.vector.double() / iv.vector.double().norm()).to(device=like.device, dtype=like.dtype)
+            self._on_device[key] = (vector, unit)
+        return self._on_device[key]
+
+
+class _Call:
+    """One forward call's masks, and the scales derived from them (shared across layers)."""
+
+    def __init__(self, masks: dict[Positions, Tensor], touched: dict[Positions, bool], rows: Tensor | None):
+        self.masks = masks
+        self.touched = touched
+        self.rows = rows
+        self._scales: dict[tuple, Tensor] = {}
+
+    def weight(self, spec: Positions, coefficient: float | Tensor, like: Tensor) -> Tensor:
+        """``coefficient x mask`` as [..., 1] on ``like``'s device and dtype (a scalar or one value per row)."""
+        coef_key = coefficient if isinstance(coefficient, float) else id(coefficient)
+        key = (spec, coef_key, like.device, like.dtype)
+        scale = self._scales.get(key)
+        if scale is None:
+            mask = self.masks[spec].to(device=like.device, dtype=like.dtype)
+            if isinstance(coefficient, Tensor):
+                coef = coefficient.to(device=like.device, dtype=like.dtype)
+                coef = coef[:, None] if self.rows is None else coef[self.rows.to(like.device)]
+                mask = mask * coef
+            elif coefficient != 1.0:
+                mask = mask * coefficient
+            scale = self._scales[key] = mask.unsqueeze(-1)
+        return scale
+
+
+def steer_module(model: nn.Module, plan: Plan, layers: nn.ModuleList, stack: nn.Module) -> list:
+    """Register ``plan`` on a transformers-style model: the position tracker on the decoder stack and one forward
+    hook per planned layer. Returns the handles; remove them to unsteer."""
+    handles = plan.tracker.attach(model, stack)
+    try:
+        for index in plan.layers:
+            handles.append(layers[index].register_forward_hook(plan.hook(index)))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles

@@ -1,0 +1,34 @@
+"""Steer a transformers model: a context manager that drives a ``Plan`` through PyTorch forward hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from .intervention import Intervention
+from .layers import find_layers, find_stack, model_d_model
+from .plan import Plan, steer_module
+from .positions import PositionTracker, RowLayout
+
+
+@contextmanager
+def steer(
+    model: nn.Module,
+    interventions: Intervention | Sequence[Intervention],
+    layout: RowLayout | None = None,
+    layers_path: str | None = None,
+) -> Iterator[PositionTracker]:
+    """Apply ``interventions`` to every forward pass inside the block; all hooks are removed on exit or error.
+
+    Yields the position tracker (``.positions`` [B, T]: row positions of the last call; ``.layout``).
+    """
+    layers = find_layers(model, layers_path)
+    plan = Plan(interventions, len(layers), model_d_model(model), layout)
+    handles = steer_module(model, plan, layers, find_stack(model, layers_path))
+    try:
+        yield plan.tracker
+    finally:
+        for handle in handles:
+            handle.remove()

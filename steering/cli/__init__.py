@@ -1,0 +1,61 @@
+"""Command line: ``steering demo | fetch | info | extract | vectors | gap | sweep | run | report | layers``.
+
+One module per subcommand, each mirroring a Python API function: ``NAME``, ``HELP``, ``configure(parser)`` and
+``execute(args)``; heavy imports happen inside ``execute``. Every failure is one line that names the fix (exit
+code 2 for bad input); ``-v`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from types import ModuleType
+
+from steering.cli import demo, extract, fetch, gap, info, layers, report, run, sweep, vectors
+
+COMMANDS: tuple[ModuleType, ...] = (demo, fetch, info, extract, vectors, gap, sweep, run, report, layers)
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steering", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more, and show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP)
+        command.configure(p)
+        p.set_defaults(execute=command.execute)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.execute(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume (finished rows are kept)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line for users; the traceback with -v
+        if args.verbose:
+            raise
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for a failure: the message itself for our errors, with the exception type for anything else."""
+    message = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, ValueError):
+        return message
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: no such file or folder; check the path"
+    return f"{message} ({type(exc).__name__}; rerun with -v for the traceback)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

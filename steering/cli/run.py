@@ -1,0 +1,22 @@
+"""``steering run``: run (or resume) a sweep spec, packaged by name or a TOML file."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "run"
+HELP = "run (or resume) a sweep spec; a killed run resumes where it stopped"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="a packaged spec name (quickstart, strengths, ...) or a TOML file")
+    p.add_argument("--report", default=None, help="write the report to this folder when the sweep ends")
+
+
+def execute(args: argparse.Namespace) -> None:
+    from steering.experiments import load_spec
+    from steering.runs import run_spec
+
+    spec = load_spec(args.spec)
+    rows = run_spec(spec, report_dir=args.report)
+    print(f"{len(rows)} rows in {spec.store_path} (run {spec.name!r}); `steering report {spec.store_path}`")

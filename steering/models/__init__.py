@@ -1,0 +1,23 @@
+"""Models: ``load_model`` / ``wrap`` give a ``SteeringModel`` on any backend (plain transformers, TransformerLens,
+nnsight); ``Encoded`` is a tokenized batch with its row layout."""
+
+from steering.models.base import NORM_TEXTS, Encoded, Prompt, SteeringModel
+from steering.models.loading import load_model
+from steering.models.nnsight import NNsightModel, TracedModel
+from steering.models.transformer_lens import TransformerLensModel
+from steering.models.wrap import BACKENDS, hf_module, wrap, wrap_backend
+
+__all__ = [
+    "BACKENDS",
+    "NORM_TEXTS",
+    "Encoded",
+    "NNsightModel",
+    "Prompt",
+    "SteeringModel",
+    "TracedModel",
+    "TransformerLensModel",
+    "hf_module",
+    "load_model",
+    "wrap",
+    "wrap_backend",
+]

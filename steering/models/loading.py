@@ -1,0 +1,59 @@
+"""``load_model``: a hub id, a local folder, a ``.gguf`` file or ``"default"``, on any backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from steering.models.base import SteeringModel
+from steering.models.wrap import wrap_backend
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'") from None
+
+
+def load_model(
+    model_id: str | Path = "default",
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    backend: str = "hf",
+    trust_remote_code: bool = False,
+    layers_path: str | None = None,
+) -> SteeringModel:
+    """Load a causal LM: a hub id, a local folder, a ``.gguf`` file, or ``"default"`` (the offline default model).
+
+    ``device="auto"`` spreads a large model over the available GPUs (``device_map="auto"``). Remote code runs
+    only with ``trust_remote_code=True``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steering.default_model import DEFAULT_NAME, fetch_default_model
+
+    name = str(model_id)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if name == "default":
+        source, name = fetch_default_model(), DEFAULT_NAME
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ValueError(f"GGUF file {path} does not exist; check the path")
+        source, kwargs["gguf_file"] = path.parent, path.name
+    else:
+        source = Path(name).expanduser() if Path(name).expanduser().exists() else name
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model_kwargs = dict(kwargs, dtype=_resolve_dtype(dtype))
+    if device == "auto":
+        model_kwargs["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    wrapped = SteeringModel(model, tokenizer, name=name, layers_path=layers_path)
+    return wrapped if backend == "hf" else wrap_backend(wrapped, backend)

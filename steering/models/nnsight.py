@@ -1,0 +1,93 @@
+"""``NNsightModel``: the steering API inside nnsight traces (local or remote execution)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from steering.hooks import Intervention, Plan, RowLayout
+from steering.hooks.backends import nnsight as nns
+from steering.models.base import NORM_TEXTS, Encoded, Prompt, SteeringModel
+
+
+class TracedModel:
+    """Stands in for the Hugging Face model of an ``NNsightModel``: calling it or its ``generate`` runs an nnsight
+    trace with the steering contexts that are open; any other attribute is the wrapped model's."""
+
+    def __init__(self, lm, layers_path: str, remote: bool = False):
+        self.lm = lm
+        self.module = nns.hf_model(lm)
+        self.layers_path = layers_path
+        self.remote = remote
+        self.plans: list[Plan] = []
+
+    def __call__(self, *args, **kwargs):
+        return nns.forward(self.lm, list(self.plans), args, kwargs, self.layers_path, self.remote)
+
+    forward = __call__
+
+    def generate(self, *args, **kwargs) -> Tensor:
+        return nns.generate(self.lm, list(self.plans), args, dict(kwargs), self.layers_path, self.remote)
+
+    def __getattr__(self, name: str):
+        if name in ("lm", "module", "plans"):  # not set yet (during unpickling): avoid recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def __repr__(self) -> str:
+        return f"TracedModel({type(self.module).__name__}, open_steering_contexts={len(self.plans)})"
+
+
+class NNsightModel(SteeringModel):
+    """A ``SteeringModel`` that steers and captures inside nnsight traces.
+
+    ``.nnsight`` is the nnsight model; ``.model`` is a ``TracedModel``: ``model.model(**enc.inputs)`` and
+    ``model.model.generate(...)`` inside ``steer(...)`` run as traces that edit the decoder-block outputs.
+    """
+
+    backend = "nnsight"
+
+    def __init__(
+        self, lm, tokenizer=None, name: str | None = None, layers_path: str | None = None, remote: bool = False
+    ):
+        tokenizer = tokenizer if tokenizer is not None else lm.tokenizer
+        super().__init__(nns.hf_model(lm), tokenizer, name, layers_path)
+        if not remote and getattr(lm, "dispatched", True) is False:
+            lm.dispatch()  # load the real weights now: a local run needs them, and .device should say where
+        self.nnsight = lm
+        self.model = TracedModel(lm, self.layers_path, remote)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the CPU for remote execution (the server places them), else the first weight's device."""
+        return torch.device("cpu") if self.model.remote else super().device
+
+    def residual_norms(self) -> Tensor:
+        """Mean residual norm per layer [n_layers] on fixed neutral text, read in one trace."""
+        if self._norms is None:
+            enc = self.encode(list(NORM_TEXTS))
+            remote = self.model.remote
+            self._norms = nns.mean_norms(self.nnsight, enc.input_ids, enc.attention_mask, self.layers_path, remote)
+        return self._norms
+
+    def capture(self, prompts: Sequence[Prompt] | Encoded, layers: Sequence[int] | str = "all", at="last"):
+        """Residual stream ``{layer: [B, d]}`` at decoder-block outputs, read in one trace (open steering applies)."""
+        enc = self._encoded(prompts)
+        layers = self._layers(layers)
+        return nns.capture(
+            self.nnsight, enc.input_ids, enc.attention_mask, layers, at, self.layers_path,
+            list(self.model.plans), self.model.remote,
+        )  # fmt: skip
+
+    @contextmanager
+    def steer(self, interventions: Intervention | Sequence[Intervention], layout: RowLayout | None = None) -> Iterator:
+        """Context manager: every call of ``.model`` inside runs as a steered trace; closed on exit and on errors."""
+        plan = Plan(interventions, self.n_layers, self.d_model, layout)
+        self.model.plans.append(plan)
+        try:
+            yield plan.tracker
+        finally:
+            self.model.plans.remove(plan)

@@ -1,0 +1,39 @@
+"""``TransformerLensModel``: the steering API over a TransformerLens ``TransformerBridge``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from steering.hooks import Intervention, RowLayout
+from steering.hooks.backends import transformer_lens as tl
+from steering.models.base import Encoded, Prompt, SteeringModel
+
+
+class TransformerLensModel(SteeringModel):
+    """A ``SteeringModel`` that steers and captures through a TransformerLens ``TransformerBridge``.
+
+    ``.bridge`` is the bridge; ``.model`` is its Hugging Face model, whose blocks are the bridge's components, so a
+    forward or ``generate`` of ``.model`` inside ``steer(...)`` fires the bridge's ``hook_resid_post`` hooks.
+    """
+
+    backend = "transformer_lens"
+
+    def __init__(self, bridge: nn.Module, tokenizer=None, name: str | None = None, layers_path: str | None = None):
+        tokenizer = tokenizer if tokenizer is not None else bridge.tokenizer
+        super().__init__(tl.hf_model(bridge), tokenizer, name, layers_path)
+        self.bridge = bridge
+
+    def capture(self, prompts: Sequence[Prompt] | Encoded, layers: Sequence[int] | str = "all", at="last"):
+        """Residual stream ``{layer: [B, d]}`` from ``blocks.{L}.hook_resid_post`` (see ``steering.hooks.At``)."""
+        enc = self._encoded(prompts)
+        layers = self._layers(layers)
+        return tl.capture(self.bridge, enc.input_ids, enc.attention_mask, layers, at, self.layers_path)
+
+    @contextmanager
+    def steer(self, interventions: Intervention | Sequence[Intervention], layout: RowLayout | None = None) -> Iterator:
+        """Context manager: every forward inside is steered through bridge hooks; removed on exit and on errors."""
+        with tl.steer(self.bridge, interventions, layout, self.layers_path) as tracker:
+            yield tracker
