@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 def error_line(exc: BaseException) -> str:
     """One line for a failure: the message itself for our errors, with the exception type for anything else."""
     message = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, ValueError):
-        return message
+    if isinstance(exc, ValueError) or type(exc).__module__.startswith("steering."):
+        return message  # our own errors already name the fix
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"{exc.filename}: no such file or folder; check the path"
     return f"{message} ({type(exc).__name__}; rerun with -v for the traceback)"

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from steering.models.base import SteeringModel
-from steering.models.wrap import wrap_backend
+from steering.models.wrap import BACKENDS, wrap_backend
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -36,6 +36,8 @@ def load_model(
 
     from steering.default_model import DEFAULT_NAME, fetch_default_model
 
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     name = str(model_id)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if name == "default":
@@ -45,8 +47,15 @@ def load_model(
         if not path.exists():
             raise ValueError(f"GGUF file {path} does not exist; check the path")
         source, kwargs["gguf_file"] = path.parent, path.name
+    elif Path(name).expanduser().exists():
+        source = Path(name).expanduser()
+    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ValueError(
+            f"model folder {Path(name).expanduser()} does not exist; pass an existing folder, a .gguf file, a hub id "
+            "such as org/name, or 'default'"
+        )
     else:
-        source = Path(name).expanduser() if Path(name).expanduser().exists() else name
+        source = name
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model_kwargs = dict(kwargs, dtype=_resolve_dtype(dtype))
     if device == "auto":
