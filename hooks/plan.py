@@ -76,7 +76,10 @@ class Plan:
 
     def edit(self, layer: int, hidden: Tensor) -> Tensor:
         """The residual stream after this plan's interventions at ``layer``; ``hidden`` [B, T, d] (or [N, d] for a
-        flattened call). Edited in place where autograd allows; the returned tensor is the one to use."""
+        flattened call). Edited in place where autograd allows; the returned tensor is the one to use.
+
+        Interventions apply in the order given. Consecutive adds commute, so a run of several is one matmul
+        (``scales [..., k] @ vectors [k, d]``): many cells in one batch cost about as much as one."""
         group = self.groups.get(layer)
         if not group:
             return hidden
@@ -84,18 +87,47 @@ class Plan:
         if call is None:
             raise RuntimeError("no forward call seen yet: feed the plan the call's positions first (plan.begin)")
         in_place = not (torch.is_grad_enabled() and hidden.requires_grad)
-        for iv in group:
-            if iv.is_noop or not call.touched[iv.positions]:
+        live = [iv for iv in group if not iv.is_noop and call.touched[iv.positions]]
+        start = 0
+        while start < len(live):
+            iv = live[start]
+            if iv.operation == "add":
+                end = start
+                while end < len(live) and live[end].operation == "add":
+                    end += 1
+                hidden = self._add(live[start:end], hidden, call, in_place)
+                start = end
                 continue
             vector, unit = self._tensors(iv, hidden)
-            if iv.operation != "add":
-                weight = call.weight(iv.positions, 1.0, hidden)
-                removed = (hidden @ unit).unsqueeze(-1) * weight  # [..., 1]
-                hidden = hidden.addcmul_(removed, unit, value=-1) if in_place else hidden - removed * unit
-            if iv.operation != "ablate":
+            weight = call.weight(iv.positions, 1.0, hidden)
+            removed = (hidden @ unit).unsqueeze(-1) * weight  # [..., 1]
+            hidden = hidden.addcmul_(removed, unit, value=-1) if in_place else hidden - removed * unit
+            if iv.operation == "ablate_then_add":
                 scale = call.weight(iv.positions, iv.coefficient, hidden)
                 hidden = hidden.addcmul_(scale, vector) if in_place else hidden + scale * vector
+            start += 1
         return hidden
+
+    def _add(self, ivs: list[Intervention], hidden: Tensor, call: _Call, in_place: bool) -> Tensor:
+        """``hidden + sum_i scale_i * vector_i`` for a run of add-interventions (one fused op per run)."""
+        if len(ivs) == 1:
+            iv = ivs[0]
+            vector, _ = self._tensors(iv, hidden)
+            scale = call.weight(iv.positions, iv.coefficient, hidden)
+            return hidden.addcmul_(scale, vector) if in_place else hidden + scale * vector
+        vectors = self._stacked(ivs, hidden)  # [k, d]
+        scales = call.weights([(iv.positions, iv.coefficient) for iv in ivs], hidden)  # [..., k]
+        if in_place and hidden.is_contiguous():
+            hidden.view(-1, hidden.shape[-1]).addmm_(scales.view(-1, len(ivs)), vectors)
+            return hidden
+        return hidden + scales @ vectors
+
+    def _stacked(self, ivs: list[Intervention], like: Tensor) -> Tensor:
+        """The vectors of ``ivs`` as one [k, d] matrix on ``like``'s device and dtype (built once)."""
+        key = (tuple(id(iv) for iv in ivs), like.device, like.dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (torch.stack([self._tensors(iv, like)[0] for iv in ivs]), None)
+        return self._on_device[key][0]
 
     def hook(self, layer: int):
         """A forward hook for decoder block ``layer`` (its output is a tensor or a tuple led by the tensor)."""
@@ -130,8 +162,7 @@ class _Call:
 
     def weight(self, spec: Positions, coefficient: float | Tensor, like: Tensor) -> Tensor:
         """``coefficient x mask`` as [..., 1] on ``like``'s device and dtype (a scalar or one value per row)."""
-        coef_key = coefficient if isinstance(coefficient, float) else id(coefficient)
-        key = (spec, coef_key, like.device, like.dtype)
+        key = (spec, _coef_key(coefficient), like.device, like.dtype)
         scale = self._scales.get(key)
         if scale is None:
             mask = self.masks[spec].to(device=like.device, dtype=like.dtype)
@@ -143,6 +174,18 @@ class _Call:
                 mask = mask * coefficient
             scale = self._scales[key] = mask.unsqueeze(-1)
         return scale
+
+    def weights(self, terms: list[tuple[Positions, float | Tensor]], like: Tensor) -> Tensor:
+        """Several ``weight``s side by side: [..., k] (shared by every layer with the same terms)."""
+        key = (tuple((spec, _coef_key(coef)) for spec, coef in terms), like.device, like.dtype)
+        scales = self._scales.get(key)
+        if scales is None:
+            scales = self._scales[key] = torch.cat([self.weight(spec, coef, like) for spec, coef in terms], dim=-1)
+        return scales
+
+
+def _coef_key(coefficient: float | Tensor) -> float | int:
+    return coefficient if isinstance(coefficient, float) else id(coefficient)
 
 
 def steer_module(model: nn.Module, plan: Plan, layers: nn.ModuleList, stack: nn.Module) -> list:

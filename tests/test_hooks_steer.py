@@ -280,3 +280,34 @@ def no_hooks_left_behind(tiny_llama):
     before = hook_count(tiny_llama)
     yield
     assert hook_count(tiny_llama) == before
+
+
+def test_several_adds_at_one_layer_equal_their_sum_and_keep_order_with_ablation(tiny_llama):
+    """Consecutive adds at a layer are fused into one matmul: the result is base + sum of each add (per-row
+    coefficients, different positions); an ablation between adds still applies in the order given."""
+    ids, mask = padded_batch([5, 7, 6], side="left")
+    layer, v1, v2, v3 = 1, unit(1), unit(2), unit(3)
+    adds = [
+        Intervention(layer, v1, [1.0, 0.0, 2.0], positions="all"),
+        Intervention(layer, v2, 3.0, positions=[(1, 4)]),
+        Intervention(layer, v3, [0.5, -1.0, 0.0], positions=[[(0, 2)], [(3, None)], [(2, 3)]]),
+    ]
+    base = record_outputs(tiny_llama, ids, mask)[layer]
+    with steer(tiny_llama, adds):
+        fused = record_outputs(tiny_llama, ids, mask)[layer]
+    row_pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, -1)
+    expected = base.double().clone()
+    for iv in adds:
+        hit = iv.positions.mask(row_pos, None).double()[..., None]
+        coef = torch.as_tensor(iv.coefficient, dtype=torch.float64).reshape(-1, 1, 1)
+        expected += hit * coef * iv.vector.double()
+    torch.testing.assert_close(fused.double(), expected, atol=1e-6, rtol=0)
+    assert torch.equal(fused[mask == 0], base[mask == 0])
+
+    ordered = [adds[0], Intervention(layer, v1, 0.0, operation="ablate"), adds[1]]
+    with steer(tiny_llama, ordered):
+        got = record_outputs(tiny_llama, ids, mask)[layer]
+    want = base.double() + (row_pos >= 0).double()[..., None] * torch.tensor([1.0, 0.0, 2.0]).reshape(-1, 1, 1) * v1
+    want = want - (want @ v1.double())[..., None] * v1.double() * (row_pos >= 0).double()[..., None]
+    want = want + adds[1].positions.mask(row_pos, None).double()[..., None] * 3.0 * v2.double()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
