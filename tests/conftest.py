@@ -148,3 +148,17 @@ def steered_positions(calls: list[torch.Tensor], lengths: list[int], width: int,
                 pos = [n + k - 1] if bool(mask[b, 0]) else []
             seen[b].update(pos)
     return seen
+
+
+@pytest.fixture(scope="session")
+def tiny_chat():
+    """A tiny random Llama (3 layers, d 64, context 256) with the default model's tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from steering import SteeringModel
+    from steering.default_model import fetch_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(fetch_default_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(**dict(COMMON, vocab_size=len(tokenizer), num_key_value_heads=2, max_position_embeddings=256))
+    return SteeringModel(LlamaForCausalLM(config).eval(), tokenizer, name="tiny-chat")
