@@ -156,6 +156,17 @@ def test_bad_arguments_get_clear_errors(tiny):
     assert resolve_layers(tiny, -1) == [2]
 
 
+def test_out_of_range_layers_give_the_one_message():
+    class Model:
+        n_layers = 3
+
+    assert resolve_layers(Model(), [-1, 0, -3]) == [0, 2]
+    for bad in (3, -4):
+        with pytest.raises(ValueError) as info:
+            resolve_layers(Model(), [bad])
+        assert str(info.value) == f"layer {bad} is out of range: the model has 3 layers (0..2, or -3..-1 from the end)"
+
+
 def test_pair_texts_use_the_chat_template_and_letter_last(tiny):
     prefix, positive, negative = pair_texts(tiny, _pairs(1)[0])
     assert prefix.endswith("<|im_start|>assistant\n") and positive == prefix + "(A" and negative == prefix + "(B"

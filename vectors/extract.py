@@ -42,6 +42,11 @@ def pair_texts(model: ChatModel, pair: ContrastPair) -> tuple[str, str, str]:
     return prefix, prefix + pair.positive, prefix + pair.negative
 
 
+def layer_range_message(layer: int, n: int) -> str:
+    """The one out-of-range message for a layer index (negative indices count from the end)."""
+    return f"layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -{n}..-1 from the end)"
+
+
 def resolve_layers(model: ChatModel, layers: str | int | Sequence[int]) -> list[int]:
     """``"all"``, an int, ``"3,5,7"`` or a list of ints (negative counts from the end) -> sorted layer indices."""
     n = int(model.n_layers)
@@ -59,7 +64,7 @@ def resolve_layers(model: ChatModel, layers: str | int | Sequence[int]) -> list[
     out = set()
     for layer in layers:
         if not -n <= int(layer) < n:
-            raise ValueError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+            raise ValueError(layer_range_message(int(layer), n))
         out.add(int(layer) % n)
     if not out:
         raise ValueError("no layers requested; pass 'all' or at least one layer index")
