@@ -175,6 +175,42 @@ class SweepSpec:
             except ValueError as exc:
                 raise SpecError("variants", f"spec key 'variants': {exc}") from None
 
+    def input_hashes(self) -> dict[str, str]:
+        """sha256 of every file the run reads, for ``ResultStore.begin_run(..., inputs=...)`` so a resumed run
+        refuses to mix results computed from other data: ``vector:<driver>`` (a vector file's bytes),
+        ``dataset:<driver>`` (the dataset a driver is extracted from), ``questions`` (the question set's rows) and
+        ``setting`` (the rendered prompts of the spec's variants and conditions)."""
+        import hashlib
+        import json
+
+        from steering.questions import as_dicts, load_questions
+        from steering.scenario import load_setting
+        from steering.vectors import dataset_sha256, file_sha256
+
+        def text_sha(value: Any) -> str:
+            return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+        out: dict[str, str] = {}
+        for driver in self.drivers:
+            try:
+                if driver.vector is not None:
+                    out[f"vector:{driver.name}"] = file_sha256(driver.vector)
+                else:
+                    out[f"dataset:{driver.name}"] = dataset_sha256(driver.dataset)
+            except ValueError as exc:
+                key = "vector" if driver.vector is not None else "dataset"
+                raise SpecError(key, f"driver {driver.name!r}: spec key {key!r}: {exc}") from None
+        out["questions"] = text_sha(as_dicts(load_questions(self.questions, require_answers=False)))
+        setting = load_setting(self.setting)
+        prompts = [
+            setting.messages("{question}", condition, variant, scratchpad=scratchpad)
+            for variant in self.variants
+            for condition in self.conditions
+            for scratchpad in (True, False)
+        ]
+        out["setting"] = text_sha(prompts)
+        return out
+
     @property
     def store_path(self) -> Path:
         return Path(self.store) if self.store else Path("runs") / f"{self.name}.sqlite"

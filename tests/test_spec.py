@@ -143,3 +143,26 @@ def test_packaged_specs_still_parse():
 
     for name in ("quickstart", "smoke", "strengths", "layers", "ablations", "paper_olmo", "paper_gemma", "paper_llama"):
         SweepSpec.from_toml(spec_path(name))
+
+
+def test_input_hashes_pin_every_file_the_run_reads(tmp_path):
+    from steering.vectors import dataset_sha256, file_sha256
+
+    vector = tmp_path / "v.safetensors"
+    vector.write_bytes(b"one")
+    drivers = [{"name": "values", "vector": str(vector)}, {"name": "gg", "dataset": "goal_guarding"}]
+    spec = SweepSpec(**{**BASE, "drivers": drivers, "variants": ["base", "informative"]})
+    hashes = spec.input_hashes()
+    assert set(hashes) == {"vector:values", "dataset:gg", "questions", "setting"}
+    assert hashes["vector:values"] == file_sha256(vector) and hashes["dataset:gg"] == dataset_sha256("goal_guarding")
+    vector.write_bytes(b"two")
+    again = spec.input_hashes()
+    assert again["vector:values"] != hashes["vector:values"]
+    assert {k: v for k, v in again.items() if k != "vector:values"} == {
+        k: v for k, v in hashes.items() if k != "vector:values"
+    }
+    other = SweepSpec(**{**BASE, "drivers": drivers, "variants": ["base"]})
+    assert other.input_hashes()["setting"] != hashes["setting"]  # the prompts it uses differ
+    vector.unlink()
+    with pytest.raises(SpecError, match="driver 'values': spec key 'vector'.*not an existing file"):
+        spec.input_hashes()
