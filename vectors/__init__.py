@@ -20,11 +20,20 @@ from .datasets import (
     load_mwe_jsonl,
     load_pairs,
 )
-from .extract import NORMALIZATIONS, POSITIONS, collect_activations, extract, pair_texts, resolve_layers
+from .extract import (
+    NORMALIZATIONS,
+    POSITIONS,
+    balance_groups,
+    collect_activations,
+    extract,
+    layer_range_message,
+    pair_texts,
+    resolve_layers,
+)
 from .gguf_export import export_gguf, read_gguf
-from .methods import METHODS, mean_diff, pca, probe
-from .pairs import ContrastPair, answer_completion, caa_pair, has_splits, pairs_sha256, select_split
-from .quality import best_layers, layer_quality, projection_quality, quality_table
+from .methods import METHODS, group_weights, mean_diff, pca, probe
+from .pairs import ContrastPair, answer_completion, answer_letter, caa_pair, has_splits, pairs_sha256, select_split
+from .quality import best_layers, layer_quality, letter_direction, projection_quality, quality_table
 from .vectorset import FORMAT, VectorSet, VectorTransferWarning
 
 __all__ = [
@@ -38,6 +47,8 @@ __all__ = [
     "VectorSet",
     "VectorTransferWarning",
     "answer_completion",
+    "answer_letter",
+    "balance_groups",
     "best_layers",
     "caa_pair",
     "collect_activations",
@@ -46,8 +57,11 @@ __all__ = [
     "export_gguf",
     "extract",
     "file_sha256",
+    "group_weights",
     "has_splits",
     "layer_quality",
+    "layer_range_message",
+    "letter_direction",
     "load_caa_json",
     "load_csv",
     "load_driver",
