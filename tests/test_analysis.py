@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit
+from simulate import simulate_rows
 
 from steering.analysis import (
     attach_baseline,
@@ -16,7 +17,6 @@ from steering.analysis import (
     is_control,
     layer_table,
     outside_control_band,
-    simulate_rows,
     steerability,
 )
 
@@ -213,3 +213,56 @@ def test_fit_handles_large_coefficient_scale():
     assert cov.shape == (4, 4) and np.all(np.diag(cov) >= 0)
     with pytest.raises(ValueError, match="collinear"):
         fit_fractional_logit(np.column_stack([X, 2 * x]), expit(X @ b_true))
+
+
+def _curves(points: dict[str, tuple[float, float]], controls: list[float], coefficient: float = 4.0) -> pd.DataFrame:
+    """A hand-made gap_curves table at one layer and coefficient: drivers (gap, CI half-width) and control gaps."""
+    rows = [
+        {"driver": d, "gap": g, "ci_low": g - h, "ci_high": g + h, "gap_sem": h / 1.96, "is_control": False}
+        for d, (g, h) in points.items()
+    ]
+    rows += [
+        {
+            "driver": f"random-{i}",
+            "gap": g,
+            "ci_low": g - 0.01,
+            "ci_high": g + 0.01,
+            "gap_sem": 0.005,
+            "is_control": True,
+        }
+        for i, g in enumerate(controls)
+    ]
+    return pd.DataFrame(rows).assign(layer=7, coefficient=coefficient)
+
+
+def test_one_control_is_no_band():
+    """One control, effects of 0.001 on a gap of 0.000 +- 0.001: this said `outside: yes` for every driver."""
+    curves = _curves({"values": (0.001, 0.001), "sycophancy": (-0.001, 0.001)}, controls=[0.0])
+    out = outside_control_band(curves=curves).set_index("driver")
+    assert list(out["verdict"]) == ["not testable (1 control)"] * 2
+    assert not out["testable"].any() and out["outside"].isna().all()
+    assert out["coefficients_outside"].map(len).sum() == 0
+    two = outside_control_band(curves=_curves({"values": (0.5, 0.01)}, controls=[0.0, 0.001])).iloc[0]
+    assert (two["verdict"], two["testable"]) == ("not testable (2 controls)", False)
+    df = simulate_rows({"values": (0.0, 0.0001)}, coefficients=(4.0,), n_controls=1, n_questions=8, seeds=(0,))
+    assert outside_control_band(df)["verdict"].tolist() == ["not testable (1 control)"]
+
+
+def test_band_test_weighs_the_controls_spread_and_the_points_ci():
+    controls = [0.0, 0.02, -0.01, 0.01, 0.005]
+    curves = _curves({"near": (0.03, 0.02), "far": (0.2, 0.02)}, controls)
+    out = outside_control_band(curves=curves).set_index("driver")
+    assert out["testable"].all() and (out["n_controls"] == 5).all()
+    # "near" is above the band's max (0.02) but within the controls' scatter plus its own CI
+    assert out.loc["near", "coefficients_ci_outside"] == [] and out.loc["near", "max_excess"] == pytest.approx(0.01)
+    assert (out.loc["near", "verdict"], bool(out.loc["near", "outside"])) == ("inside", False)
+    assert (out.loc["far", "verdict"], out.loc["far", "coefficients_outside"]) == ("outside", [4.0])
+    assert out.loc["far", "n_above"] == 1 and out.loc["far", "n_below"] == 0
+    m, s, n = np.mean(controls), np.std(controls, ddof=1), len(controls)
+    spread = np.sqrt(s**2 * (1 + 1 / n) + (0.02 / 1.959963984540054) ** 2)
+    from scipy import stats
+
+    assert out.loc["near", "p_min"] == pytest.approx(2 * stats.t.sf(abs(0.03 - m) / spread, n - 1), rel=1e-6)
+    assert out.loc["near", "p_min"] > 0.05 > out.loc["far", "p_min"]
+    band = control_band(curves=curves).iloc[0]
+    assert band["band_sd"] == pytest.approx(s) and band["band_mean"] == pytest.approx(m)
