@@ -376,6 +376,12 @@ def fit_fractional_logit(
     """Maximise sum y*log(p) + (1-y)*log(1-p), p = expit(X b), by damped Newton: (b, sandwich cov, converged).
 
     y may be fractional in [0, 1]. The covariance is cluster-robust over `groups` (integer labels), or HC1.
+    Small-sample factors: G/(G-1) on the clustered meat (Stata's convention for ML models), n/(n-k) for HC1.
+
+    Checked against statsmodels (tests/test_analysis.py): GLM(Binomial) gives the same coefficients (|diff| <
+    1e-14) and, with cov_type="cluster", SEs larger by exactly sqrt((N-1)/(N-K)) (its default also applies the OLS
+    factor (N-1)/(N-K)), equal to ~1e-13 once that factor is removed. Kept here rather than adding statsmodels as a
+    runtime dependency.
     """
     X = np.asarray(X, dtype=float)
     y = np.asarray(y, dtype=float)

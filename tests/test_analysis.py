@@ -266,3 +266,52 @@ def test_band_test_weighs_the_controls_spread_and_the_points_ci():
     assert out.loc["near", "p_min"] > 0.05 > out.loc["far", "p_min"]
     band = control_band(curves=curves).iloc[0]
     assert band["band_sd"] == pytest.approx(s) and band["band_mean"] == pytest.approx(m)
+
+
+@pytest.mark.parametrize("outcome", ["bernoulli", "probability"])
+def test_fractional_logit_matches_statsmodels_glm(outcome):
+    """statsmodels is the reference: GLM(Binomial) with question-clustered (and heteroskedasticity-robust) SEs.
+
+    Coefficients agree to solver precision. SEs agree once the small-sample factors are lined up: ours scale the
+    clustered meat by G/(G-1) (Stata's convention for ML models), statsmodels' default by G/(G-1) * (N-1)/(N-K);
+    our unclustered SEs are HC1 (n/(n-k)), statsmodels' GLM 'HC1' applies no factor (= HC0).
+    """
+    import warnings
+
+    import statsmodels.api as sm
+
+    drivers = {"values": (0.03, 0.08), "goal_guarding": (-0.02, 0.0), "sycophancy": (0.0, -0.05)}
+    df = simulate_rows(
+        drivers,
+        layers=(7,),
+        coefficients=(-8.0, 8.0, 16.0),
+        n_questions=60,
+        seeds=(0, 1),
+        seed=11,
+        question_sd=0.7,
+        outcome=outcome,
+        unjudged=0.05,
+    )
+    df = df[df["compliance"].notna()]
+    mon = (df["condition"] == "monitored").to_numpy(dtype=float)
+    columns = [np.ones(len(df)), mon]
+    for name in drivers:
+        x = np.where(df["driver"] == name, df["coefficient"], 0.0)
+        columns += [x, mon * x]
+    X, y = np.column_stack(columns), df["compliance"].to_numpy(dtype=float)
+    groups = pd.factorize(df["question"])[0]
+    n, k = X.shape
+
+    beta, cov, converged = fit_fractional_logit(X, y, groups)
+    _, cov_hc, _ = fit_fractional_logit(X, y, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fractional y in a Binomial GLM
+        model = sm.GLM(y, X, family=sm.families.Binomial())
+        clustered = model.fit(cov_type="cluster", cov_kwds={"groups": groups}, tol=1e-12)
+        hc0 = model.fit(cov_type="HC0", tol=1e-12)
+    assert converged
+    np.testing.assert_allclose(beta, clustered.params, rtol=0, atol=1e-9)
+    se = np.sqrt(np.diag(cov))
+    np.testing.assert_allclose(se, clustered.bse * np.sqrt((n - k) / (n - 1)), rtol=1e-8)
+    assert np.abs(se / clustered.bse - 1).max() < 1e-3  # even unadjusted: within 0.1%
+    np.testing.assert_allclose(np.sqrt(np.diag(cov_hc)), hc0.bse * np.sqrt(n / (n - k)), rtol=1e-8)
