@@ -9,7 +9,7 @@ baseline rows stand in for its coefficient 0 (`attach_baseline`), so every curve
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -142,19 +142,25 @@ def _slope(x: np.ndarray, y: np.ndarray, level: float = 0.95) -> dict[str, float
     return out
 
 
+MIN_CONTROLS = 3
+"""Fewest random-control drivers a band test needs: with one control the band is a line and with two its spread is
+one difference, so a driver could not be told apart from the controls' own scatter; below this the comparison is
+reported as not testable."""
+
+
 def control_band(
     df: pd.DataFrame | None = None, *, curves: pd.DataFrame | None = None, baseline: bool = True
 ) -> pd.DataFrame:
-    """Per layer x coefficient: min, max and mean gap over the random-control drivers (rows or curves)."""
+    """Per layer x coefficient: min, max, mean and SD (ddof 1) of the gap over the random-control drivers."""
     curves = _curves(df, curves, baseline)
     ctx = _ctx_of(curves)
     ctrl = curves[curves["is_control"] & curves["gap"].notna()]
-    cols = [*ctx, "layer", "coefficient", "band_low", "band_high", "band_mean", "n_controls"]
+    cols = [*ctx, "layer", "coefficient", "band_low", "band_high", "band_mean", "band_sd", "n_controls"]
     if ctrl.empty:
         return pd.DataFrame(columns=cols)
     band = (
         ctrl.groupby([*ctx, "layer", "coefficient"], sort=True, dropna=False)["gap"]
-        .agg(band_low="min", band_high="max", band_mean="mean", n_controls="count")
+        .agg(band_low="min", band_high="max", band_mean="mean", band_sd="std", n_controls="count")
         .reset_index()
     )
     return band[cols]
@@ -168,14 +174,37 @@ def _curves(df: pd.DataFrame | None, curves: pd.DataFrame | None, baseline: bool
     return gap_curves(df, baseline=baseline)
 
 
-def outside_control_band(
-    df: pd.DataFrame | None = None, *, curves: pd.DataFrame | None = None, baseline: bool = True
-) -> pd.DataFrame:
-    """Per non-control driver x layer: the coefficients where its gap (and its whole CI) leaves the band.
+def _point_se(sub: pd.DataFrame, level: float = 0.95) -> np.ndarray:
+    """Each point's standard error: from its CI (half-width / z), else its SEM, else 0."""
+    z = _st.norm.ppf(0.5 + level / 2)
+    from_ci = (sub["ci_high"].to_numpy(dtype=float) - sub["ci_low"].to_numpy(dtype=float)) / (2 * z)
+    sem = sub["gap_sem"].to_numpy(dtype=float) if "gap_sem" in sub.columns else np.full(len(sub), np.nan)
+    return np.where(np.isfinite(from_ci), from_ci, np.where(np.isfinite(sem), sem, 0.0))
 
-    `excess` is the largest distance of the gap beyond the band (0 when inside). With a single control the
-    band is one line, so read `n_controls` before trusting `outside`.
+
+def outside_control_band(
+    df: pd.DataFrame | None = None,
+    *,
+    curves: pd.DataFrame | None = None,
+    baseline: bool = True,
+    min_controls: int = MIN_CONTROLS,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Per non-control driver x layer: does its gap leave the random-control band, given the band's spread and
+    the point's own uncertainty?
+
+    At each coefficient, with n controls of mean m and SD s and the driver's gap g with standard error se (from
+    its CI), the driver is outside when |g - m| > t(1 - alpha' / 2, n - 1) * sqrt(s^2 (1 + 1/n) + se^2): outside
+    the prediction interval of one more random direction, widened by the point's CI. alpha' = alpha / k
+    (Bonferroni over the k coefficients compared). With fewer than `min_controls` controls (default
+    MIN_CONTROLS = 3) nothing is tested: `testable` is False, `outside` is NA and `verdict` says
+    "not testable (n controls)". `p_min` is the smallest (uncorrected) two-sided p over the coefficients.
+
+    Also reported: `coefficients_ci_outside`, where the whole CI lies beyond the band's min..max, and
+    `max_excess`, the largest distance of the gap beyond min..max (0 when inside).
     """
+    if min_controls < 2:
+        raise ValueError(f"min_controls={min_controls}: a band test needs at least 2 controls for a spread")
     curves = _curves(df, curves, baseline)
     ctx = _ctx_of(curves)
     band = control_band(curves=curves)
@@ -184,24 +213,45 @@ def outside_control_band(
     records = []
     for key, sub in merged.groupby([*ctx, "driver", "layer"], sort=True, dropna=False):
         sub = sub[sub["band_low"].notna() & sub["gap"].notna()]
-        above = sub["gap"] > sub["band_high"]
-        below = sub["gap"] < sub["band_low"]
+        rec = dict(zip([*ctx, "driver", "layer"], key))
+        n_controls = int(sub["n_controls"].min()) if len(sub) else 0
+        testable = len(sub) > 0 and n_controls >= min_controls
         ci_out = (sub["ci_low"] > sub["band_high"]) | (sub["ci_high"] < sub["band_low"])
         excess = np.maximum(sub["gap"] - sub["band_high"], sub["band_low"] - sub["gap"]).clip(lower=0)
-        rec = dict(zip([*ctx, "driver", "layer"], key))
+        rec.update(n_compared=int(len(sub)), n_controls=n_controls, testable=bool(testable))
+        if testable:
+            n = sub["n_controls"].to_numpy(dtype=float)
+            spread = np.sqrt(sub["band_sd"].to_numpy(dtype=float) ** 2 * (1 + 1 / n) + _point_se(sub) ** 2)
+            distance = (sub["gap"] - sub["band_mean"]).to_numpy(dtype=float)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = np.where(spread > 0, np.abs(distance) / spread, np.where(distance != 0, np.inf, 0.0))
+            p = 2 * _st.t.sf(t, n - 1)
+            out = p < alpha / len(sub)
+            above, below = out & (distance > 0), out & (distance < 0)
+            rec.update(
+                outside=bool(out.any()),
+                verdict="outside" if out.any() else "inside",
+                p_min=float(p.min()),
+                n_above=int(above.sum()),
+                n_below=int(below.sum()),
+                coefficients_outside=[float(c) for c in sub.loc[out, "coefficient"]],
+            )
+        else:
+            rec.update(
+                outside=pd.NA,
+                verdict=f"not testable ({n_controls} control{'s' if n_controls != 1 else ''})",
+                p_min=float("nan"),
+                n_above=0,
+                n_below=0,
+                coefficients_outside=[],
+            )
         rec.update(
-            n_compared=int(len(sub)),
-            n_controls=int(sub["n_controls"].min()) if len(sub) else 0,
-            outside=bool((above | below).any()) if len(sub) else pd.NA,
-            n_above=int(above.sum()),
-            n_below=int(below.sum()),
-            coefficients_outside=[float(c) for c in sub.loc[above | below, "coefficient"]],
             coefficients_ci_outside=[float(c) for c in sub.loc[ci_out, "coefficient"]],
             max_excess=float(excess.max()) if len(sub) else float("nan"),
         )
         records.append(rec)
-    cols = [*ctx, "driver", "layer", "n_compared", "n_controls", "outside", "n_above", "n_below"]
-    cols += ["coefficients_outside", "coefficients_ci_outside", "max_excess"]
+    cols = [*ctx, "driver", "layer", "n_compared", "n_controls", "testable", "outside", "verdict", "p_min"]
+    cols += ["n_above", "n_below", "coefficients_outside", "coefficients_ci_outside", "max_excess"]
     return pd.DataFrame(records, columns=cols)
 
 
@@ -326,6 +376,12 @@ def fit_fractional_logit(
     """Maximise sum y*log(p) + (1-y)*log(1-p), p = expit(X b), by damped Newton: (b, sandwich cov, converged).
 
     y may be fractional in [0, 1]. The covariance is cluster-robust over `groups` (integer labels), or HC1.
+    Small-sample factors: G/(G-1) on the clustered meat (Stata's convention for ML models), n/(n-k) for HC1.
+
+    Checked against statsmodels (tests/test_analysis.py): GLM(Binomial) gives the same coefficients (|diff| <
+    1e-14) and, with cov_type="cluster", SEs larger by exactly sqrt((N-1)/(N-K)) (its default also applies the OLS
+    factor (N-1)/(N-K)), equal to ~1e-13 once that factor is removed. Kept here rather than adding statsmodels as a
+    runtime dependency.
     """
     X = np.asarray(X, dtype=float)
     y = np.asarray(y, dtype=float)
@@ -383,63 +439,3 @@ def fit_fractional_logit(
         meat = np.einsum("gi,gj->ij", summed, summed) * (g / max(g - 1, 1))
     cov_s = bread @ meat @ bread
     return beta / scale, cov_s / np.outer(scale, scale), converged
-
-
-# -- synthetic data ------------------------------------------------------------------------------------------
-
-
-def simulate_rows(
-    drivers: Mapping[str, tuple[float, float]] | None = None,
-    *,
-    layers: Sequence[int] = (12,),
-    layer_scale: Mapping[int, float] | None = None,
-    coefficients: Sequence[float] = (-4.0, 4.0, 8.0, 16.0),
-    n_controls: int = 2,
-    n_questions: int = 40,
-    seeds: Sequence[int] = (0, 1, 2),
-    intercept: float = -0.5,
-    monitored: float = 1.0,
-    question_sd: float = 0.0,
-    outcome: str = "bernoulli",
-    unjudged: float = 0.0,
-    seed: int = 0,
-    run: str = "synthetic",
-    model: str = "toy",
-    variant: str = "base",
-    scorer: str = "synthetic",
-) -> pd.DataFrame:
-    """Result rows drawn from the decomposition model with planted effects: for tests, docs, report previews.
-
-    drivers maps name -> (beta, gamma) per unit coefficient (scaled by layer_scale[layer], default 1);
-    controls "random-i" get (0, 0). outcome "bernoulli" draws 0/1, "probability" stores P(comply) exactly.
-    Baseline rows use driver "none", layer -1, coefficient 0.
-    """
-    if outcome not in ("bernoulli", "probability"):
-        raise ValueError(f"outcome must be 'bernoulli' or 'probability', got {outcome!r}")
-    if drivers is None:
-        drivers = {"values": (0.02, 0.06), "goal_guarding": (0.0, 0.04), "sycophancy": (0.03, -0.05)}
-    effects = dict(drivers)
-    effects.update({f"{CONTROL_PREFIX}-{i}": (0.0, 0.0) for i in range(n_controls)})
-    rng = np.random.default_rng(seed)
-    q_effect = rng.normal(0.0, question_sd, n_questions)
-    cells = [(BASELINE_DRIVER, -1, 0.0)]
-    cells += [(d, int(lay), float(c)) for d in effects for lay in layers for c in coefficients]
-    records = []
-    for drv, lay, c in cells:
-        beta, gamma = effects.get(drv, (0.0, 0.0))
-        s = 1.0 if layer_scale is None else float(layer_scale.get(lay, 1.0))
-        for sd in seeds:
-            for cond in ("monitored", "unmonitored"):
-                m = 1.0 if cond == "monitored" else 0.0
-                eta = intercept + q_effect + m * monitored + c * s * (beta + m * gamma)
-                prob = _sp.expit(eta)
-                comp = rng.binomial(1, prob).astype(float) if outcome == "bernoulli" else prob
-                if unjudged > 0:
-                    comp = np.where(rng.random(n_questions) < unjudged, np.nan, comp)
-                for q in range(n_questions):
-                    records.append((run, model, drv, lay, c, variant, cond, f"q{q:03d}", int(sd), scorer, comp[q]))
-    from steering.store import KEY_COLUMNS
-
-    df = pd.DataFrame(records, columns=[*KEY_COLUMNS, "compliance"])
-    df["extra"] = "{}"
-    return df

@@ -1,21 +1,29 @@
 """A minimal client for OpenAI-compatible chat-completions endpoints (vLLM, llama.cpp server, hosted APIs).
 
 Standard library only: urllib for HTTP, a thread pool for bounded concurrency. It is a `chat_fn` for the
-judges in `steering.judge`: a batch of chat-message lists in, one reply string (or None) per item out.
+judges in `steering.judge`: a batch of chat-message lists in, one reply per item out: the text, None (a reply
+without text), or a `ChatFailure` (the request failed after its retries).
+
+Credentials stay with the configured server: redirects are never followed (a 3xx is an `EndpointError`), and an
+API key is not sent over plain http to a host other than this machine unless `allow_insecure=True`.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import logging
 import os
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
+
+from steering.judge import ChatFailure
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +36,9 @@ _HINTS = {
 
 
 class EndpointError(RuntimeError):
-    """The endpoint refused the request (4xx) or did not answer within the retry budget."""
+    """The endpoint cannot be used as configured: it refused the request (4xx), redirected it (3xx), or an API
+    key would go over plain http to another machine. (A server error or timeout after the retries is not raised:
+    that item gets a `ChatFailure`.)"""
 
 
 class _RetryableError(Exception):
@@ -36,13 +46,19 @@ class _RetryableError(Exception):
 
 
 class OpenAIChatClient:
-    """Posts each conversation of a batch to `{url}/chat/completions` and returns the reply texts in order.
+    """Posts each conversation of a batch to `{url}/chat/completions` and returns the replies in order.
 
-    Retries 5xx / 429 / connection errors / timeouts with exponential backoff (`backoff * 2**k` s); a 4xx
-    fails at once. The longest wait for one item is about `(max_retries + 1) * timeout` plus the backoff; the
-    first item that exhausts its retries stops the batch with an `EndpointError`. A 200 reply without
-    `choices[0].message.content` gives None for that item. The API key is read from `api_key_env` at call time
-    and never logged; with the variable unset no Authorization header is sent (fine for local servers)."""
+    Retries 5xx / 429 / connection errors / timeouts with exponential backoff (`backoff * 2**k` s); the longest
+    wait for one item is about `(max_retries + 1) * timeout` plus the backoff. An item that still fails gets a
+    `ChatFailure` (falsy, with the last error) instead of a reply, and counts in `failed_requests`; the rest of
+    the batch goes on, so a flaky judge leaves items unjudged rather than stopping the caller. A 4xx or a 3xx
+    redirect is a configuration error: the batch stops at once with an `EndpointError`. A 200 reply without
+    `choices[0].message.content` gives None for that item.
+
+    The API key is read from `api_key_env` at call time and never logged; with the variable unset no
+    Authorization header is sent (fine for local servers). Redirects are never followed, so the key reaches only
+    `url`; over plain `http://` the key is sent only to this machine (localhost / loopback) unless
+    `allow_insecure=True`."""
 
     def __init__(
         self,
@@ -56,9 +72,12 @@ class OpenAIChatClient:
         temperature: float = 0.0,
         max_tokens: int | None = 1024,
         extra_body: Mapping[str, Any] | None = None,
+        allow_insecure: bool = False,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+        if not urllib.parse.urlsplit(url).hostname:
+            raise ValueError(f"url {url!r} has no host name; use e.g. http://127.0.0.1:8000/v1")
         if timeout <= 0 or max_retries < 0 or backoff < 0 or concurrency < 1:
             raise ValueError(
                 "need timeout > 0, max_retries >= 0, backoff >= 0 and concurrency >= 1; "
@@ -75,6 +94,28 @@ class OpenAIChatClient:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.extra_body = dict(extra_body or {})
+        self.allow_insecure = allow_insecure
+        self.failed_requests = 0
+        """Items that failed after their retries, over the client's lifetime."""
+        self._count_lock = threading.Lock()
+        if self._api_key() and self.insecure:
+            raise ValueError(self._insecure_message())
+
+    @property
+    def insecure(self) -> bool:
+        """True when a key would travel unencrypted to another machine (http:// to a non-local host) unasked."""
+        parts = urllib.parse.urlsplit(self.url)
+        return parts.scheme == "http" and not _is_local(parts.hostname or "") and not self.allow_insecure
+
+    def _insecure_message(self) -> str:
+        return (
+            f"refusing to send the API key in ${self.api_key_env} over plain http to {self.url} (another machine: "
+            "anyone on the way can read it); use https://, unset the variable for a server without keys, or pass "
+            "allow_insecure=True (judge_allow_insecure = true in a spec) if the network is trusted"
+        )
+
+    def _api_key(self) -> str | None:
+        return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
 
     @property
     def endpoint(self) -> str:
@@ -83,13 +124,14 @@ class OpenAIChatClient:
     def __repr__(self) -> str:
         return f"OpenAIChatClient(url={self.url!r}, model={self.model!r})"
 
-    def __call__(self, batch: Sequence[Sequence[Mapping[str, str]]]) -> list[str | None]:
-        """Reply texts for a batch of conversations, in input order (None where a reply had no content)."""
+    def __call__(self, batch: Sequence[Sequence[Mapping[str, str]]]) -> list[str | ChatFailure | None]:
+        """Replies for a batch of conversations, in input order: the text, None where a reply had no content, or
+        a `ChatFailure` where the request failed after its retries."""
         batch = list(batch)
         if not batch:
             return []
         stop = threading.Event()
-        results: list[str | None] = [None] * len(batch)
+        results: list[str | ChatFailure | None] = [None] * len(batch)
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(batch))) as pool:
             futures = {pool.submit(self._complete, messages, stop): i for i, messages in enumerate(batch)}
             try:
@@ -103,8 +145,11 @@ class OpenAIChatClient:
         return results
 
     def complete(self, messages: Sequence[Mapping[str, str]]) -> str | None:
-        """The reply text for one conversation."""
-        return self._complete(messages, threading.Event())
+        """The reply text for one conversation; a request that fails after its retries raises `EndpointError`."""
+        reply = self._complete(messages, threading.Event())
+        if isinstance(reply, ChatFailure):
+            raise EndpointError(reply.error)
+        return reply
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -116,7 +161,7 @@ class OpenAIChatClient:
         body.update(self.extra_body)
         return json.dumps(body).encode("utf-8")
 
-    def _complete(self, messages: Sequence[Mapping[str, str]], stop: threading.Event) -> str | None:
+    def _complete(self, messages: Sequence[Mapping[str, str]], stop: threading.Event) -> str | ChatFailure | None:
         body = self._payload(messages)
         attempts = self.max_retries + 1
         last = ""
@@ -139,23 +184,36 @@ class OpenAIChatClient:
                 )
                 if stop.wait(delay):
                     raise EndpointError(f"{self.endpoint}: batch stopped after another request failed")
-        raise EndpointError(
+        error = (
             f"{self.endpoint} did not answer after {attempts} attempt(s) (last error: {last}); "
             "check that the server is running, or raise timeout / max_retries"
         )
+        log.warning("%s; item left unjudged", error)
+        with self._count_lock:
+            self.failed_requests += 1
+        return ChatFailure(error)
 
     def _post(self, body: bytes) -> bytes:
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "steering"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        key = self._api_key()
         if key:
+            if self.insecure:  # the variable was set after the client was made
+                raise EndpointError(self._insecure_message())
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-        opener = urllib.request.build_opener()
+        opener = urllib.request.build_opener(_NoRedirects)
         try:
             with opener.open(request, timeout=self.timeout) as response:
                 return response.read()
         except urllib.error.HTTPError as exc:
             detail = _snippet(exc)
+            if 300 <= exc.code < 400:
+                target = exc.headers.get("Location", "?") if exc.headers else "?"
+                raise EndpointError(
+                    f"{self.endpoint} answered HTTP {exc.code}, a redirect to {target}; redirects are not followed "
+                    "(the request and its API key would go to another address): set the judge URL to the "
+                    "final address"
+                ) from None
             if exc.code >= 500 or exc.code == 429:
                 raise _RetryableError(f"HTTP {exc.code}: {detail}") from None
             hint = _HINTS.get(exc.code, "fix the request (model name, message format)")
@@ -163,6 +221,24 @@ class OpenAIChatClient:
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets are OSErrors
             reason = getattr(exc, "reason", exc)
             raise _RetryableError(f"{type(exc).__name__}: {reason}") from None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib then raises the 3xx as an HTTPError (handled above)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
+        return None
+
+
+def _is_local(host: str) -> bool:
+    """localhost, *.localhost or a loopback address: traffic that never leaves this machine."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _snippet(exc: urllib.error.HTTPError, limit: int = 300) -> str:

@@ -30,8 +30,22 @@ def local_chat_fn(model: SteeringModel, max_new_tokens: int = 96, batch_size: in
     return chat
 
 
-def make_judge(kind: str = "keyword", judge_model: SteeringModel | None = None, url: str | None = None, **kw):
-    """A judge: ``keyword`` heuristic, ``local`` (a loaded model with our rubric) or ``endpoint`` (OpenAI-style)."""
+def make_judge(
+    kind: str = "keyword",
+    judge_model: SteeringModel | None = None,
+    url: str | None = None,
+    *,
+    timeout: float = 60.0,
+    retries: int = 3,
+    allow_insecure: bool = False,
+    **kw,
+):
+    """A judge: ``keyword`` heuristic, ``local`` (a loaded model with our rubric) or ``endpoint`` (OpenAI-style).
+
+    For ``endpoint``: ``timeout`` (seconds per request) and ``retries`` (after a 5xx / timeout / connection error);
+    an item whose request still fails is unjudged (``Judgement.failed``), never an exception. ``allow_insecure``
+    lets an API key go over plain http to another machine. ``judge_name`` is the model name at the endpoint.
+    """
     if kind == "keyword":
         return KeywordJudge()
     if kind == "local":
@@ -43,8 +57,29 @@ def make_judge(kind: str = "keyword", judge_model: SteeringModel | None = None, 
             raise ValueError("judge='endpoint' needs --judge-url (an OpenAI-compatible base URL, e.g. http://host/v1)")
         from steering.endpoint import OpenAIChatClient
 
-        return RubricJudge(OpenAIChatClient(url, kw.get("judge_name") or "judge"))
+        client = OpenAIChatClient(
+            url, kw.get("judge_name") or "judge", timeout=timeout, max_retries=retries, allow_insecure=allow_insecure
+        )
+        return RubricJudge(client)
     raise ValueError(f"unknown judge {kind!r}; use keyword, local or endpoint")
+
+
+def judge_for_spec(spec, judge_model: SteeringModel | None = None):
+    """The judge a sweep spec asks for (``judge``, ``judge_model``, ``judge_url``, ``judge_timeout``,
+    ``judge_retries``, ``judge_allow_insecure``); loads the local judge model unless one is given."""
+    if spec.judge == "local" and judge_model is None:
+        from steering.models import load_model
+
+        judge_model = load_model(spec.judge_model)
+    return make_judge(
+        spec.judge,
+        judge_model,
+        spec.judge_url,
+        timeout=spec.judge_timeout,
+        retries=spec.judge_retries,
+        allow_insecure=spec.judge_allow_insecure,
+        judge_name=spec.judge_model if spec.judge == "endpoint" else None,
+    )
 
 
 def judged_rows(

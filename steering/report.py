@@ -23,6 +23,7 @@ from matplotlib.patches import Patch
 
 from steering.analysis import (
     BASELINE_DRIVER,
+    MIN_CONTROLS,
     attach_baseline,
     control_band,
     decompose,
@@ -275,6 +276,22 @@ def _effect(row: pd.Series) -> str:
     return "n.s."
 
 
+def band_note(out: pd.DataFrame) -> str:
+    """The sentence above the control-band table: what the test is and how many controls it rests on."""
+    counts = sorted({int(n) for n in out["n_controls"]}) if len(out) else [0]
+    n_text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    note = (
+        f"The claims below rest on {n_text} random-control direction(s) per cell. A driver is `outside` at a "
+        "coefficient when its gap is further from the controls' mean than the 95% prediction interval of one more "
+        "random direction (t with n-1 df on the controls' SD), widened by the driver's own CI, Bonferroni-corrected "
+        f"over the coefficients compared. With fewer than {MIN_CONTROLS} controls a band has no usable spread, so "
+        "the comparison is `not testable`: add control seeds."
+    )
+    if len(out) and not out["testable"].any():
+        note += f" **No driver is testable here: {n_text} control(s) is fewer than {MIN_CONTROLS}.**"
+    return note
+
+
 def _section(
     df: pd.DataFrame, out_dir: Path, suffix: str, n_boot: int, seed: int, dpi: int
 ) -> tuple[list[str], dict[str, Path]]:
@@ -332,6 +349,7 @@ def _section(
         md.append("### Against the random-control band\n")
         if len(band):
             out = outside_control_band(curves=curves)
+            md.append(band_note(out) + "\n")
             md.append(
                 markdown_table(
                     out,
@@ -340,7 +358,8 @@ def _section(
                         "layer",
                         "n_controls",
                         "n_compared",
-                        "outside",
+                        "verdict",
+                        "p_min",
                         "coefficients_outside",
                         "coefficients_ci_outside",
                         "max_excess",

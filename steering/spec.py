@@ -1,93 +1,237 @@
 """Sweep specs: drivers x layers x coefficients (+ random controls) x variants x conditions x questions x seeds.
 
-The same spec is a TOML file (``experiments/specs/*.toml``) or a Python object; unknown keys and bad values
-raise a ValueError that names the key.
+The same spec is a TOML file (``experiments/specs/*.toml``) or a Python object. Every field is checked when the
+spec is built, before anything runs: its type strictly (a TOML ``relative = "no"`` or ``n = "1"`` is an error, not
+a truthy string or a number in disguise; ``variants = "informative"`` is not a list of letters) and its value.
+Every problem raises a ``SpecError`` (a ``ValueError``) that names the key.
+
+Types are declared once, as the dataclass annotations (``Annotated`` with pydantic ``Field`` constraints for
+values such as ``batch_size > 0``), and checked with pydantic in strict mode, field by field; the dataclasses
+themselves stay plain (``asdict`` / ``fields`` / positional construction work as before). Checks that need more
+than one field, or the package's data (prompt variants of the setting), follow in ``validate``.
+
+Layers are plain integers here; a negative layer counts from the end (``-1`` is the last layer) and is resolved
+to ``0..n-1`` once the model is known, so the spec makes no range check.
 """
 
 from __future__ import annotations
 
+import functools
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field, TypeAdapter, ValidationError
+
+from steering.hooks import MODES
 from steering.scenario import CONDITIONS
 
 SCORERS = ("forced-choice", "judge")
+JUDGES = ("keyword", "local", "endpoint")
+POSITIONS = MODES  # the steer positions a sweep can use
+"""Steering positions a sweep accepts (the hooks' position modes)."""
 SPEC_FORMAT = 1
+
+OPERATIONAL_DEFAULTS: dict[str, Any] = {"judge_timeout": 60.0, "judge_retries": 3, "judge_allow_insecure": False}
+"""Fields that change how a run is carried out but not what it measures (so a run may resume with other values).
+`to_dict` leaves them out while they have these defaults, so the spec hash of a run written before they existed
+is unchanged; `identity` leaves them out always."""
+
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Text = Annotated[str, Field(min_length=1)]
+
+
+class SpecError(ValueError):
+    """A spec key has a wrong type or value; ``key`` names it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
 class DriverSpec:
     """A driver: a vector file, or a dataset (a packaged driver name or a path) to extract from."""
 
-    name: str
-    vector: str | None = None
-    dataset: str | None = None
-    method: str = "mean_diff"
-    normalize: str = "unit"
-    n_pairs: int | None = None
+    name: Text
+    vector: Text | None = None
+    dataset: Text | None = None
+    method: Text = "mean_diff"
+    normalize: Text = "unit"
+    n_pairs: Positive | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self, f"driver {getattr(self, 'name', '?')!r}: ")
+        from steering.vectors import METHODS, NORMALIZATIONS
+
+        where = f"driver {self.name!r}: "
         if (self.vector is None) == (self.dataset is None):
-            raise ValueError(f"driver {self.name!r}: give exactly one of 'vector' (a file) or 'dataset' (to extract)")
+            raise SpecError("vector", f"{where}give exactly one of 'vector' (a file) or 'dataset' (to extract)")
         if self.name == "none" or self.name.startswith("random"):
-            raise ValueError(f"driver name {self.name!r} is reserved (baseline / controls); choose another name")
+            raise SpecError("name", f"driver name {self.name!r} is reserved (baseline / controls); choose another name")
+        _require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method, where)
+        _require(
+            self.normalize in NORMALIZATIONS, "normalize", f"one of {', '.join(NORMALIZATIONS)}", self.normalize, where
+        )
 
 
 @dataclass
 class SweepSpec:
-    """A whole grid; see ``experiments/specs/quickstart.toml`` for a commented example."""
+    """A whole grid; see ``experiments/specs/quickstart.toml`` for a commented example.
 
-    name: str
-    model: str = "default"
-    dtype: str = "float32"
-    device: str = "cpu"
-    backend: str = "hf"
+    ``judge_timeout`` (seconds per request) and ``judge_retries`` (retries after a 5xx / timeout / connection
+    error) configure an endpoint judge; ``judge_allow_insecure`` allows sending an API key over plain http to a
+    non-local host.
+    """
+
+    name: Text
+    model: Text = "default"
+    dtype: Text = "float32"
+    device: Text = "cpu"
+    backend: Text = "hf"
     drivers: list[DriverSpec] = field(default_factory=list)
-    control_seeds: list[int] = field(default_factory=list)
-    control_like: str | None = None
+    control_seeds: list[NonNegative] = field(default_factory=list)
+    control_like: Text | None = None
     layers: list[int] = field(default_factory=list)
-    coefficients: list[float] = field(default_factory=list)
+    coefficients: list[Finite] = field(default_factory=list)
     relative: bool = False
-    positions: str = "response"
-    variants: list[str] = field(default_factory=lambda: ["base"])
-    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
-    setting: str = "animal_welfare"
-    questions: str = "animal_welfare"
-    n_questions: int | None = None
-    scorer: str = "forced-choice"
+    positions: Text = "response"
+    variants: list[Text] = field(default_factory=lambda: ["base"])
+    conditions: list[Text] = field(default_factory=lambda: list(CONDITIONS))
+    setting: Text = "animal_welfare"
+    questions: Text = "animal_welfare"
+    n_questions: Positive | None = None
+    scorer: Text = "forced-choice"
     seeds: list[int] = field(default_factory=lambda: [0])
-    batch_size: int = 32
-    max_new_tokens: int = 256
-    judge: str = "keyword"
-    judge_model: str | None = None
-    judge_url: str | None = None
-    store: str | None = None
+    batch_size: Positive = 32
+    max_new_tokens: Positive = 256
+    judge: Text = "keyword"
+    judge_model: Text | None = None
+    judge_url: Text | None = None
+    judge_timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = OPERATIONAL_DEFAULTS["judge_timeout"]
+    judge_retries: NonNegative = OPERATIONAL_DEFAULTS["judge_retries"]
+    judge_allow_insecure: bool = OPERATIONAL_DEFAULTS["judge_allow_insecure"]
+    store: Text | None = None
 
     def __post_init__(self) -> None:
-        self.drivers = [d if isinstance(d, DriverSpec) else _build(DriverSpec, d, "drivers") for d in self.drivers]
-        _require(bool(self.name), "name", "a run name")
+        if isinstance(self.drivers, list):
+            self.drivers = [d if isinstance(d, DriverSpec) else _build(DriverSpec, d, "drivers") for d in self.drivers]
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (types strictly, then values and cross-field rules); raise ``SpecError`` naming
+        the key. Runs on construction; call it again after changing fields by hand."""
+        _check_types(self)
         _require(bool(self.layers), "layers", "at least one layer")
+        _unique(self.layers, "layers")
         _require(bool(self.coefficients), "coefficients", "at least one coefficient")
+        _unique([c + 0.0 for c in self.coefficients], "coefficients")
         _require(bool(self.drivers) or bool(self.control_seeds), "drivers", "at least one driver or control")
-        _require(self.scorer in SCORERS, "scorer", f"one of {', '.join(SCORERS)}")
-        _require(set(self.conditions) <= set(CONDITIONS) and bool(self.conditions), "conditions", str(CONDITIONS))
-        _require(self.n_questions is None or self.n_questions > 0, "n_questions", "a positive count")
-        _require(self.batch_size > 0, "batch_size", "a positive number")
+        _unique(self.control_seeds, "control_seeds")
+        _require(self.scorer in SCORERS, "scorer", f"one of {', '.join(SCORERS)}", self.scorer)
+        _require(self.positions in POSITIONS, "positions", f"one of {', '.join(POSITIONS)}", self.positions)
+        _require(
+            self.dtype == "auto" or _is_torch_dtype(self.dtype), "dtype", "'auto' or a torch dtype name", self.dtype
+        )
+        _require(bool(self.conditions), "conditions", f"a non-empty list of {', '.join(CONDITIONS)}")
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        _require(not bad, "conditions", f"a list of {', '.join(CONDITIONS)}", bad[0] if bad else None)
+        _unique(self.conditions, "conditions")
+        _require(bool(self.seeds), "seeds", "at least one seed")
+        _unique(self.seeds, "seeds")
+        _require(bool(self.variants), "variants", "at least one prompt variant")
+        _unique(self.variants, "variants")
+        self._check_variants()
+        _require(self.judge in JUDGES, "judge", f"one of {', '.join(JUDGES)}", self.judge)
+        if self.scorer == "judge" and self.judge == "local":
+            _require(self.judge_model is not None, "judge_model", "a judge model (hub id, folder or 'default')")
+        if self.scorer == "judge" and self.judge == "endpoint":
+            _require(self.judge_url is not None, "judge_url", "an OpenAI-compatible base URL (http://host:port/v1)")
+        if self.judge_url is not None:
+            ok = self.judge_url.startswith(("http://", "https://"))
+            _require(ok, "judge_url", "a URL starting with http:// or https://", self.judge_url)
         names = [d.name for d in self.drivers]
-        _require(len(set(names)) == len(names), "drivers", "unique driver names")
+        _require(len(set(names)) == len(names), "drivers", "unique driver names", names)
         if self.control_seeds and self.control_like is None:
             self.control_like = names[0] if names else None
-        _require(not self.control_seeds or self.control_like in names, "control_like", f"one of {names}")
+        _require(
+            not self.control_seeds or self.control_like in names, "control_like", f"one of {names}", self.control_like
+        )
+
+    def _check_variants(self) -> None:
+        from steering.scenario import load_setting
+
+        try:
+            setting = load_setting(self.setting)
+        except (ValueError, OSError) as exc:
+            raise SpecError("setting", f"spec key 'setting': {exc}") from None
+        for variant in self.variants:
+            try:
+                setting.describe(variant)
+            except ValueError as exc:
+                raise SpecError("variants", f"spec key 'variants': {exc}") from None
+
+    def input_hashes(self) -> dict[str, str]:
+        """sha256 of every file the run reads, for ``ResultStore.begin_run(..., inputs=...)`` so a resumed run
+        refuses to mix results computed from other data: ``vector:<driver>`` (a vector file's bytes),
+        ``dataset:<driver>`` (the dataset a driver is extracted from), ``questions`` (the question set's rows) and
+        ``setting`` (the rendered prompts of the spec's variants and conditions)."""
+        import hashlib
+        import json
+
+        from steering.questions import as_dicts, load_questions
+        from steering.scenario import load_setting
+        from steering.vectors import dataset_sha256, file_sha256
+
+        def text_sha(value: Any) -> str:
+            return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+        out: dict[str, str] = {}
+        for driver in self.drivers:
+            try:
+                if driver.vector is not None:
+                    out[f"vector:{driver.name}"] = file_sha256(driver.vector)
+                else:
+                    out[f"dataset:{driver.name}"] = dataset_sha256(driver.dataset)
+            except ValueError as exc:
+                key = "vector" if driver.vector is not None else "dataset"
+                raise SpecError(key, f"driver {driver.name!r}: spec key {key!r}: {exc}") from None
+        out["questions"] = text_sha(as_dicts(load_questions(self.questions, require_answers=False)))
+        setting = load_setting(self.setting)
+        prompts = [
+            setting.messages("{question}", condition, variant, scratchpad=scratchpad)
+            for variant in self.variants
+            for condition in self.conditions
+            for scratchpad in (True, False)
+        ]
+        out["setting"] = text_sha(prompts)
+        return out
 
     @property
     def store_path(self) -> Path:
         return Path(self.store) if self.store else Path("runs") / f"{self.name}.sqlite"
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (``from_dict`` reads it back). Operational fields at their defaults are left
+        out (see ``OPERATIONAL_DEFAULTS``), so specs written before they existed keep their hash."""
         out = asdict(self)
+        for key, default in OPERATIONAL_DEFAULTS.items():
+            if out[key] == default:
+                del out[key]
         out["format"] = SPEC_FORMAT
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        """What the run measures: ``to_dict`` without the operational fields (a judge timeout raised to resume a
+        run is the same run). The store's run registration should hash this."""
+        out = self.to_dict()
+        for key in OPERATIONAL_DEFAULTS:
+            out.pop(key, None)
         return out
 
     @classmethod
@@ -105,34 +249,126 @@ class SweepSpec:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"cannot read spec {path}: {exc}") from None
         flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+        spelled: dict[str, str] = {}
         for table, prefix in (("grid", ""), ("questions", "q"), ("controls", "c")):
+            if table in raw and not isinstance(raw[table], dict):
+                raise SpecError(table, f"{path}: [{table}] must be a table")
             for key, value in raw.get(table, {}).items():
                 name = {
                     "q": {"set": "questions", "n": "n_questions"},
                     "c": {"seeds": "control_seeds", "like": "control_like"},
                 }
-                flat[name[prefix].get(key, f"{table}.{key}") if prefix else key] = value
+                flat_key = name[prefix].get(key, f"{table}.{key}") if prefix else key
+                flat[flat_key] = value
+                spelled[flat_key] = f"[{table}] {key}"
         unknown_tables = [
             k for k, v in raw.items() if isinstance(v, dict) and k not in ("grid", "questions", "controls")
         ]
         if unknown_tables:
             raise ValueError(f"{path}: unknown table [{unknown_tables[0]}]; use [grid], [questions], [controls]")
-        if "store" in flat and not Path(flat["store"]).is_absolute():
+        if isinstance(flat.get("store"), str) and not Path(flat["store"]).is_absolute():
             flat["store"] = str(Path(flat["store"]))
-        return cls.from_dict(flat, str(path))
+        try:
+            return cls.from_dict(flat, str(path))
+        except SpecError as exc:
+            if exc.key in spelled and spelled[exc.key] != exc.key:
+                raise SpecError(exc.key, f"{exc} (written as `{spelled[exc.key]}` in the file)") from None
+            raise
 
 
-def _require(ok: bool, key: str, what: str) -> None:
+# -- checks --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _adapters(cls: type) -> dict[str, TypeAdapter]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: TypeAdapter(hints[f.name]) for f in fields(cls) if f.name != "drivers"}
+
+
+def _check_types(obj: Any, where: str = "") -> None:
+    """Validate every field of a spec dataclass against its annotation (pydantic, strict: no coercion)."""
+    if hasattr(obj, "drivers") and not (
+        isinstance(obj.drivers, list) and all(isinstance(d, DriverSpec) for d in obj.drivers)
+    ):
+        raise SpecError("drivers", f"spec key 'drivers': expected a list of driver tables, got {obj.drivers!r}")
+    for key, adapter in _adapters(type(obj)).items():
+        value = getattr(obj, key)
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            index = [p for p in error["loc"] if isinstance(p, int)]
+            at = "".join(f"[{i}]" for i in index)
+            item = value
+            for i in index:
+                item = item[i]
+            got = f"{item!r} ({type(item).__name__})"
+            expected = _describe(typing.get_type_hints(type(obj), include_extras=True)[key])
+            raise SpecError(
+                key, f"{where}spec key {key!r}{at}: expected {expected}, got {got}: {error['msg'].lower()}"
+            ) from None
+
+
+def _describe(tp: Any, plural: bool = False) -> str:
+    """A readable type: ``a list of integers``, ``an integer > 0 or None``."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *meta = typing.get_args(tp)
+        text = _describe(base, plural)
+        for info in meta:
+            for c in getattr(info, "metadata", []):
+                if hasattr(c, "gt"):
+                    text += f" > {c.gt}"
+                elif hasattr(c, "ge"):
+                    text += f" >= {c.ge}"
+                elif hasattr(c, "min_length"):
+                    text = f"non-empty {text}" if plural else text.replace("a ", "a non-empty ", 1)
+        return text
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0], plural=True)}"
+    names = {type(None): ("None", "None"), str: ("a string", "strings"), int: ("an integer", "integers")}
+    names |= {float: ("a number", "numbers"), bool: ("true or false", "booleans")}
+    single, many = names.get(tp, (getattr(tp, "__name__", str(tp)),) * 2)
+    return many if plural else single
+
+
+def _is_torch_dtype(name: str) -> bool:
+    import torch
+
+    return isinstance(getattr(torch, name, None), torch.dtype)
+
+
+def _require(ok: bool, key: str, what: str, got: Any = ..., where: str = "") -> None:
     if not ok:
-        raise ValueError(f"spec key {key!r}: expected {what}")
+        tail = "" if got is ... else f", got {got!r}"
+        raise SpecError(key, f"{where}spec key {key!r}: expected {what}{tail}")
 
 
-def _build(cls, raw: dict[str, Any], where: str):
+def _unique(values: list, key: str) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise SpecError(key, f"spec key {key!r}: {v!r} is listed twice; list each value once")
+        seen.add(v)
+
+
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise SpecError(where, f"{where}: expected a table of keys, got {raw!r}")
     known = {f.name for f in fields(cls)}
     for key in raw:
         if key not in known:
-            raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+            raise SpecError(key, f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+    missing = [
+        f.name for f in fields(cls) if f.name not in raw and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if missing:
+        raise SpecError(missing[0], f"{where}: missing key {missing[0]!r}")
     try:
         return cls(**raw)
-    except TypeError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    except SpecError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise SpecError(exc.key, f"{where}: {exc}") from None

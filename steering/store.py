@@ -10,8 +10,10 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import sqlite3
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,6 +21,13 @@ from types import TracebackType
 from typing import Any
 
 import pandas as pd
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: runs are not locked against a second writer
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """Version of the table layout; a store or run written with another version is refused, never mixed."""
@@ -52,7 +61,8 @@ CREATE TABLE IF NOT EXISTS runs (
     format_version INTEGER NOT NULL,
     model TEXT NOT NULL,
     versions_json TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    inputs_json TEXT NOT NULL DEFAULT '{{}}'
 );
 CREATE TABLE IF NOT EXISTS results (
     run TEXT NOT NULL REFERENCES runs(run),
@@ -77,7 +87,23 @@ class StoreError(RuntimeError):
 
 
 class StoreMismatchError(ValueError):
-    """A run or store already exists with a different spec or format; results would be mixed."""
+    """A run or store already exists with a different spec, format or inputs; results would be mixed."""
+
+
+class RunLockedError(StoreError):
+    """Another process (or another open store object) is writing the same run of the same store."""
+
+
+RUN_COLUMNS: tuple[str, ...] = (
+    "run",
+    "spec_json",
+    "spec_hash",
+    "format_version",
+    "model",
+    "versions_json",
+    "created_at",
+    "inputs_json",
+)
 
 
 def spec_hash(spec: Mapping[str, Any]) -> str:
@@ -93,6 +119,19 @@ def _canonical_json(value: Any, what: str) -> str:
             f"{what} must be JSON-serialisable with finite numbers (convert paths, numpy values and "
             f"tuples to str / float / list first): {exc}"
         ) from exc
+
+
+def _input_changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    """What differs between the inputs recorded for a run and those given now (inputs only one side has are
+    fine when the run recorded none: a run from before inputs were recorded)."""
+    changes = []
+    for key in sorted(set(old) & set(new)):
+        if old[key] != new[key]:
+            changes.append(f"input {key!r} changed (sha256 {old[key][:12]} -> {new[key][:12]})")
+    if old:
+        changes += [f"input {key!r} was used by the run but is not given now" for key in sorted(set(old) - set(new))]
+        changes += [f"input {key!r} is new (the run did not use it)" for key in sorted(set(new) - set(old))]
+    return changes
 
 
 def _normalise_row(row: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -143,17 +182,29 @@ def _normalise_row(row: Mapping[str, Any]) -> tuple[Any, ...]:
 class ResultStore:
     """SQLite store of sweep results; use as a context manager or call `close()`.
 
-    Open with `readonly=True` to read a store (e.g. while a sweep writes it) without creating anything.
+    Open with `readonly=True` (or `ResultStore.open_for_reading(path)`) to read a store without creating
+    anything: while a sweep writes it, or a finished store in a folder you cannot write (then SQLite opens it
+    `immutable`, since it cannot create the `-shm` file a WAL reader needs there).
+
+    A writer locks each run it registers or writes (`begin_run`, `write_rows`) until `close()`: a lock file
+    `<store>.<run>-<hash>.lock` beside the store, held with `flock`, so a second process writing the same run
+    of the same store is refused (`RunLockedError`) instead of interleaving rows.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self.immutable = False
         self._conn: sqlite3.Connection | None = None
+        self._locks: dict[str, tuple[int, Path]] = {}
         self._check_path()
         try:
             if readonly:
-                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+                self.immutable = not os.access(self.path.resolve().parent, os.W_OK | os.X_OK)
+                if self.immutable:
+                    self._check_no_pending_log()
+                query = "mode=ro&immutable=1" if self.immutable else "mode=ro"
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?{query}", uri=True, timeout=timeout)
             else:
                 conn = sqlite3.connect(self.path, timeout=timeout)
             conn.isolation_level = None  # explicit BEGIN / COMMIT below
@@ -167,6 +218,11 @@ class ResultStore:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def open_for_reading(cls, path: str | os.PathLike[str], timeout: float = 30.0) -> ResultStore:
+        """Open an existing store read-only (also in a read-only folder); it creates and locks nothing."""
+        return cls(path, readonly=True, timeout=timeout)
 
     # -- opening ---------------------------------------------------------------------------------------------
 
@@ -191,6 +247,16 @@ class ResultStore:
         if self.path.exists() and not os.access(self.path, os.W_OK):
             raise StoreError(f"{where}: the file is read-only; make it writable or open with readonly=True")
 
+    def _check_no_pending_log(self) -> None:
+        """An immutable open ignores the write-ahead log: refuse rather than silently miss its rows."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(
+                f"cannot open result store {self.path} read-only: its folder is not writable and it has a "
+                f"write-ahead log {wal.name} that was never merged (the writer was killed); copy both files to a "
+                "writable folder and open the copy"
+            )
+
     def _setup(self) -> None:
         conn = self._connection
         conn.execute("PRAGMA journal_mode=WAL")
@@ -201,6 +267,8 @@ class ResultStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if "inputs_json" not in self._run_columns():  # a store written before inputs were recorded
+                conn.execute("ALTER TABLE runs ADD COLUMN inputs_json TEXT NOT NULL DEFAULT '{}'")
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version == 0:
                 conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
@@ -242,59 +310,176 @@ class ResultStore:
 
     # -- runs ------------------------------------------------------------------------------------------------
 
+    def _run_columns(self) -> list[str]:
+        return [row[1] for row in self._connection.execute("PRAGMA table_info(runs)")]
+
     def begin_run(
-        self, run: str, spec: Mapping[str, Any], model: str, versions: Mapping[str, Any] | None = None
+        self,
+        run: str,
+        spec: Mapping[str, Any],
+        model: str,
+        versions: Mapping[str, Any] | None = None,
+        *,
+        inputs: Mapping[str, str] | None = None,
     ) -> None:
-        """Register `run`, or check that an existing run has the same spec, model and format (resume)."""
-        if not run:
+        """Register `run`, or check that an existing run has the same spec, model, format and inputs (resume).
+
+        `inputs` maps a name to the content hash of each file the run reads, e.g.
+        `{"vector:values": file_sha256(path), "dataset:values": dataset_sha256("values")}`; on resume every
+        input recorded for the run must hash the same, or `StoreMismatchError` names the one that changed.
+        An existing run that differs but has no rows yet is re-registered (logged): it holds nothing to mix.
+        Locks the run for this store object until `close()` (see the class docstring).
+        """
+        if not run or not isinstance(run, str):
             raise ValueError("run name must be a non-empty string")
+        if self.readonly:
+            raise StoreError(f"result store {self.path} was opened read-only; open it with readonly=False")
         spec_json = _canonical_json(spec, "spec")
         digest = hashlib.sha256(spec_json.encode("utf-8")).hexdigest()
         versions_json = _canonical_json(dict(versions or {}), "versions")
+        new_inputs = {str(k): str(v) for k, v in dict(inputs or {}).items()}
+        inputs_json = _canonical_json(new_inputs, "inputs")
+        self._lock_run(run)
         conn = self._connection
+        created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        row = (run, spec_json, digest, FORMAT_VERSION, str(model), versions_json, created, inputs_json)
+        insert = f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' for _ in row)})"
+        problems: list[str] = []
+        changed: list[str] = []
+        n_rows = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
-            found = conn.execute("SELECT spec_hash, format_version, model FROM runs WHERE run = ?", (run,)).fetchone()
+            found = conn.execute(
+                "SELECT spec_hash, format_version, model, inputs_json FROM runs WHERE run = ?", (run,)
+            ).fetchone()
             if found is None:
-                created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-                conn.execute(
-                    "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (run, spec_json, digest, FORMAT_VERSION, str(model), versions_json, created),
-                )
+                conn.execute(insert, row)
+            else:
+                old_hash, old_format, old_model, old_inputs_json = found
+                if old_hash != digest:
+                    problems.append(f"spec hash {old_hash[:12]} != {digest[:12]}")
+                if old_format != FORMAT_VERSION:
+                    problems.append(f"format version {old_format} != {FORMAT_VERSION}")
+                if old_model != str(model):
+                    problems.append(f"model {old_model!r} != {model!r}")
+                old_inputs = json.loads(old_inputs_json or "{}")
+                changed = _input_changes(old_inputs, new_inputs)
+                (n_rows,) = conn.execute("SELECT COUNT(*) FROM results WHERE run = ?", (run,)).fetchone()
+                if (problems or changed) and n_rows == 0:
+                    log.warning(
+                        "run %r in %s was registered with a different setup (%s) but has no rows; "
+                        "replacing its registration",
+                        run,
+                        self.path,
+                        "; ".join(problems + changed),
+                    )
+                    conn.execute(insert, row)
+                    problems, changed = [], []
+                elif not (problems or changed) and set(new_inputs) - set(old_inputs):
+                    # first record of inputs: a run registered before inputs were recorded
+                    conn.execute("UPDATE runs SET inputs_json = ? WHERE run = ?", (inputs_json, run))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
             raise self._fail(exc, f"registering run {run!r}") from exc
-        if found is None:
-            return
-        old_hash, old_format, old_model = found
-        problems = []
-        if old_hash != digest:
-            problems.append(f"spec hash {old_hash[:12]} != {digest[:12]}")
-        if old_format != FORMAT_VERSION:
-            problems.append(f"format version {old_format} != {FORMAT_VERSION}")
-        if old_model != str(model):
-            problems.append(f"model {old_model!r} != {model!r}")
+        except BaseException:
+            self._rollback()
+            raise
         if problems:
             raise StoreMismatchError(
-                f"run {run!r} already exists in {self.path} with a different setup ({'; '.join(problems)}); "
-                f"refusing to mix results: use a new run name or a new store"
+                f"run {run!r} already exists in {self.path} with a different setup "
+                f"({'; '.join(problems + changed)}); refusing to mix results: use a new run name or a new store"
+            )
+        if changed:
+            raise StoreMismatchError(
+                f"run {run!r} in {self.path} has {n_rows} rows computed from other inputs: {'; '.join(changed)}; "
+                f"refusing to mix results: use a new run name, or delete the store {self.path} (or restore the "
+                "original files) to continue"
             )
 
     def runs(self) -> pd.DataFrame:
-        """All registered runs, one row each, with their spec and version JSON."""
-        cols = ["run", "spec_json", "spec_hash", "format_version", "model", "versions_json", "created_at"]
+        """All registered runs, one row each, with their spec, version and input-hash JSON."""
+        have = self._run_columns()
+        cols = [c for c in RUN_COLUMNS if c in have]
         rows = self._connection.execute(f"SELECT {', '.join(cols)} FROM runs ORDER BY run").fetchall()
-        return pd.DataFrame(rows, columns=cols)
+        df = pd.DataFrame(rows, columns=cols)
+        if "inputs_json" not in df.columns:  # a store from before inputs were recorded, opened read-only
+            df["inputs_json"] = "{}"
+        return df[list(RUN_COLUMNS)]
+
+    def run_inputs(self, run: str) -> dict[str, str]:
+        """The input hashes recorded for `run` ({} when none were, or the run is unknown)."""
+        if "inputs_json" not in self._run_columns():
+            return {}
+        found = self._connection.execute("SELECT inputs_json FROM runs WHERE run = ?", (run,)).fetchone()
+        return json.loads(found[0]) if found else {}
+
+    # -- locks -----------------------------------------------------------------------------------------------
+
+    def _lock_path(self, run: str) -> Path:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", run)[:40]
+        digest = hashlib.sha256(run.encode("utf-8")).hexdigest()[:8]
+        return self.path.with_name(f"{self.path.name}.{slug}-{digest}.lock")
+
+    def _lock_run(self, run: str) -> None:
+        """Hold an exclusive flock on the run's lock file until close(); refuse at once if another holds it."""
+        if fcntl is None or run in self._locks:
+            return
+        path = self._lock_path(run)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StoreError(f"result store {self.path}: cannot create the run lock file {path}: {exc}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                who = f"pid {holder}" + (", this process" if holder == str(os.getpid()) else "")
+                raise RunLockedError(
+                    f"run {run!r} is being written by another process ({who}) in {self.path}; wait for it or "
+                    f"use another store"
+                ) from None
+            try:  # the holder may have unlinked the file between our open and flock: lock the current file
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._locks[run] = (fd, path)
+
+    def _unlock_all(self) -> None:
+        locks, self._locks = self._locks, {}
+        for fd, path in locks.values():
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still holding the lock, so nobody locks a file that is about to vanish
+            with contextlib.suppress(OSError):
+                os.close(fd)  # releases the flock
 
     # -- rows ------------------------------------------------------------------------------------------------
 
-    def done_keys(self, run: str, *, judged_only: bool = False) -> set[tuple[Any, ...]]:
-        """Key tuples (KEY_COLUMNS order) already stored for `run`; judged_only skips NULL compliance rows."""
+    def done_keys(self, run: str, *, judged_only: bool = True) -> set[tuple[Any, ...]]:
+        """Key tuples (KEY_COLUMNS order) of `run` that are done: stored with a compliance value. Rows stored
+        unjudged (compliance NULL, e.g. the judge endpoint failed) are not done, so a rerun scores them again;
+        `judged_only=False` returns every stored key."""
         sql = f"SELECT {', '.join(KEY_COLUMNS)} FROM results WHERE run = ?"
         if judged_only:
             sql += " AND compliance IS NOT NULL"
         return set(self._connection.execute(sql, (run,)).fetchall())
+
+    def unjudged_count(self, run: str | None = None) -> int:
+        """Rows stored without a compliance value (unjudged), of `run` or of every run."""
+        sql = "SELECT COUNT(*) FROM results WHERE compliance IS NULL"
+        params: tuple[Any, ...] = ()
+        if run is not None:
+            sql += " AND run = ?"
+            params = (run,)
+        (count,) = self._connection.execute(sql, params).fetchone()
+        return int(count)
 
     def write_rows(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Insert or replace `rows` in one transaction (all or nothing); returns the number written."""
@@ -303,6 +488,8 @@ class ResultStore:
             return 0
         if self.readonly:
             raise StoreError(f"result store {self.path} was opened read-only; open it with readonly=False")
+        for run in sorted({v[0] for v in values}):
+            self._lock_run(run)
         conn = self._connection
         placeholders = ", ".join("?" for _ in COLUMNS)
         try:
@@ -359,13 +546,16 @@ class ResultStore:
     # -- lifetime --------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connection (idempotent); rolls back any open transaction first."""
+        """Close the connection and release the run locks (idempotent); rolls back any open transaction first."""
         conn, self._conn = self._conn, None
-        if conn is not None:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            conn.close()
+        try:
+            if conn is not None:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                conn.close()
+        finally:
+            self._unlock_all()
 
     def __enter__(self) -> ResultStore:
         return self

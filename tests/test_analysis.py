@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit
+from simulate import simulate_rows
 
 from steering.analysis import (
     attach_baseline,
@@ -16,7 +17,6 @@ from steering.analysis import (
     is_control,
     layer_table,
     outside_control_band,
-    simulate_rows,
     steerability,
 )
 
@@ -213,3 +213,105 @@ def test_fit_handles_large_coefficient_scale():
     assert cov.shape == (4, 4) and np.all(np.diag(cov) >= 0)
     with pytest.raises(ValueError, match="collinear"):
         fit_fractional_logit(np.column_stack([X, 2 * x]), expit(X @ b_true))
+
+
+def _curves(points: dict[str, tuple[float, float]], controls: list[float], coefficient: float = 4.0) -> pd.DataFrame:
+    """A hand-made gap_curves table at one layer and coefficient: drivers (gap, CI half-width) and control gaps."""
+    rows = [
+        {"driver": d, "gap": g, "ci_low": g - h, "ci_high": g + h, "gap_sem": h / 1.96, "is_control": False}
+        for d, (g, h) in points.items()
+    ]
+    rows += [
+        {
+            "driver": f"random-{i}",
+            "gap": g,
+            "ci_low": g - 0.01,
+            "ci_high": g + 0.01,
+            "gap_sem": 0.005,
+            "is_control": True,
+        }
+        for i, g in enumerate(controls)
+    ]
+    return pd.DataFrame(rows).assign(layer=7, coefficient=coefficient)
+
+
+def test_one_control_is_no_band():
+    """One control, effects of 0.001 on a gap of 0.000 +- 0.001: this said `outside: yes` for every driver."""
+    curves = _curves({"values": (0.001, 0.001), "sycophancy": (-0.001, 0.001)}, controls=[0.0])
+    out = outside_control_band(curves=curves).set_index("driver")
+    assert list(out["verdict"]) == ["not testable (1 control)"] * 2
+    assert not out["testable"].any() and out["outside"].isna().all()
+    assert out["coefficients_outside"].map(len).sum() == 0
+    two = outside_control_band(curves=_curves({"values": (0.5, 0.01)}, controls=[0.0, 0.001])).iloc[0]
+    assert (two["verdict"], two["testable"]) == ("not testable (2 controls)", False)
+    df = simulate_rows({"values": (0.0, 0.0001)}, coefficients=(4.0,), n_controls=1, n_questions=8, seeds=(0,))
+    assert outside_control_band(df)["verdict"].tolist() == ["not testable (1 control)"]
+
+
+def test_band_test_weighs_the_controls_spread_and_the_points_ci():
+    controls = [0.0, 0.02, -0.01, 0.01, 0.005]
+    curves = _curves({"near": (0.03, 0.02), "far": (0.2, 0.02)}, controls)
+    out = outside_control_band(curves=curves).set_index("driver")
+    assert out["testable"].all() and (out["n_controls"] == 5).all()
+    # "near" is above the band's max (0.02) but within the controls' scatter plus its own CI
+    assert out.loc["near", "coefficients_ci_outside"] == [] and out.loc["near", "max_excess"] == pytest.approx(0.01)
+    assert (out.loc["near", "verdict"], bool(out.loc["near", "outside"])) == ("inside", False)
+    assert (out.loc["far", "verdict"], out.loc["far", "coefficients_outside"]) == ("outside", [4.0])
+    assert out.loc["far", "n_above"] == 1 and out.loc["far", "n_below"] == 0
+    m, s, n = np.mean(controls), np.std(controls, ddof=1), len(controls)
+    spread = np.sqrt(s**2 * (1 + 1 / n) + (0.02 / 1.959963984540054) ** 2)
+    from scipy import stats
+
+    assert out.loc["near", "p_min"] == pytest.approx(2 * stats.t.sf(abs(0.03 - m) / spread, n - 1), rel=1e-6)
+    assert out.loc["near", "p_min"] > 0.05 > out.loc["far", "p_min"]
+    band = control_band(curves=curves).iloc[0]
+    assert band["band_sd"] == pytest.approx(s) and band["band_mean"] == pytest.approx(m)
+
+
+@pytest.mark.parametrize("outcome", ["bernoulli", "probability"])
+def test_fractional_logit_matches_statsmodels_glm(outcome):
+    """statsmodels is the reference: GLM(Binomial) with question-clustered (and heteroskedasticity-robust) SEs.
+
+    Coefficients agree to solver precision. SEs agree once the small-sample factors are lined up: ours scale the
+    clustered meat by G/(G-1) (Stata's convention for ML models), statsmodels' default by G/(G-1) * (N-1)/(N-K);
+    our unclustered SEs are HC1 (n/(n-k)), statsmodels' GLM 'HC1' applies no factor (= HC0).
+    """
+    import warnings
+
+    import statsmodels.api as sm
+
+    drivers = {"values": (0.03, 0.08), "goal_guarding": (-0.02, 0.0), "sycophancy": (0.0, -0.05)}
+    df = simulate_rows(
+        drivers,
+        layers=(7,),
+        coefficients=(-8.0, 8.0, 16.0),
+        n_questions=60,
+        seeds=(0, 1),
+        seed=11,
+        question_sd=0.7,
+        outcome=outcome,
+        unjudged=0.05,
+    )
+    df = df[df["compliance"].notna()]
+    mon = (df["condition"] == "monitored").to_numpy(dtype=float)
+    columns = [np.ones(len(df)), mon]
+    for name in drivers:
+        x = np.where(df["driver"] == name, df["coefficient"], 0.0)
+        columns += [x, mon * x]
+    X, y = np.column_stack(columns), df["compliance"].to_numpy(dtype=float)
+    groups = pd.factorize(df["question"])[0]
+    n, k = X.shape
+
+    beta, cov, converged = fit_fractional_logit(X, y, groups)
+    _, cov_hc, _ = fit_fractional_logit(X, y, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fractional y in a Binomial GLM
+        model = sm.GLM(y, X, family=sm.families.Binomial())
+        clustered = model.fit(cov_type="cluster", cov_kwds={"groups": groups}, tol=1e-12)
+        hc0 = model.fit(cov_type="HC0", tol=1e-12)
+    assert converged
+    np.testing.assert_allclose(beta, clustered.params, rtol=0, atol=1e-9)
+    se = np.sqrt(np.diag(cov))
+    np.testing.assert_allclose(se, clustered.bse * np.sqrt((n - k) / (n - 1)), rtol=1e-8)
+    assert np.abs(se / clustered.bse - 1).max() < 1e-3  # even unadjusted: within 0.1%
+    np.testing.assert_allclose(np.sqrt(np.diag(cov_hc)), hc0.bse * np.sqrt(n / (n - k)), rtol=1e-8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,11 +13,14 @@ import pytest
 
 from steering.endpoint import EndpointError, OpenAIChatClient
 from steering.judge import (
+    REQUEST_FAILED,
     AcceptanceTagJudge,
     AlignmentFakingClassifier,
+    ChatFailure,
     KeywordJudge,
     ParsedResponse,
     RubricJudge,
+    count_failed,
     parse_faking_vote,
     parse_response,
     parse_rubric_reply,
@@ -312,9 +316,13 @@ def test_client_retries_a_500_once_then_succeeds(server: _Server):
 
 def test_client_gives_up_on_persistent_5xx(server: _Server):
     server.behaviour = lambda count, body: (503, b"overloaded", 0.0)
-    with pytest.raises(EndpointError, match=r"127\.0\.0\.1.*did not answer after 3 attempt\(s\).*HTTP 503"):
-        OpenAIChatClient(server.url, "m", backoff=0.01, max_retries=2)(_conversations(1))
-    assert len(server.requests) == 3
+    client = OpenAIChatClient(server.url, "m", backoff=0.01, max_retries=2)
+    (reply,) = client(_conversations(1))  # no exception: the item failed, the caller goes on
+    assert isinstance(reply, ChatFailure) and not reply
+    assert re.search(r"127\.0\.0\.1.*did not answer after 3 attempt\(s\).*HTTP 503", reply.error)
+    assert len(server.requests) == 3 and client.failed_requests == 1
+    with pytest.raises(EndpointError, match="did not answer after 3 attempt"):
+        client.complete(_conversations(1)[0])  # one conversation, asked directly: an error
 
 
 def test_client_does_not_retry_4xx(server: _Server):
@@ -328,9 +336,11 @@ def test_client_timeout_is_bounded(server: _Server):
     server.behaviour = lambda count, body: (200, server.reply("late"), 30.0)
     client = OpenAIChatClient(server.url, "m", timeout=0.3, max_retries=1, backoff=0.05, concurrency=2)
     start = time.monotonic()
-    with pytest.raises(EndpointError, match=r"http://127\.0\.0\.1:\d+/v1/chat/completions did not answer"):
-        client(_conversations(6))
-    assert time.monotonic() - start < 2.5  # 2 attempts x 0.3 s + backoff, plus one in-flight timeout
+    replies = client(_conversations(6))
+    elapsed = time.monotonic() - start
+    assert all(isinstance(r, ChatFailure) for r in replies) and client.failed_requests == 6
+    assert re.match(r"http://127\.0\.0\.1:\d+/v1/chat/completions did not answer after 2", replies[0].error)
+    assert elapsed < 4.0  # 6 items / 2 at a time x (2 attempts x 0.3 s + 0.05 s backoff) ~ 2 s, not 6 x 30 s
 
 
 def test_first_failure_stops_the_batch(server: _Server):
@@ -348,15 +358,16 @@ def test_first_failure_stops_the_batch(server: _Server):
     assert len(server.requests) <= 3
 
 
-def test_client_unreachable_port_is_an_endpoint_error():
+def test_client_unreachable_port_is_a_failed_item():
     import socket
 
     with socket.socket() as sock:  # a port that nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     client = OpenAIChatClient(f"http://127.0.0.1:{port}/v1", "m", timeout=0.5, max_retries=1, backoff=0.01)
-    with pytest.raises(EndpointError, match=rf"127\.0\.0\.1:{port}.*did not answer after 2 attempt"):
-        client(_conversations(1))
+    (reply,) = client(_conversations(1))
+    assert isinstance(reply, ChatFailure)
+    assert re.search(rf"127\.0\.0\.1:{port}.*did not answer after 2 attempt.*Connection refused", reply.error)
 
 
 def test_malformed_replies_are_none_and_unjudged(server: _Server):
@@ -389,3 +400,122 @@ def test_client_rejects_bad_settings():
         OpenAIChatClient("127.0.0.1:8000", "m")
     with pytest.raises(ValueError, match="concurrency >= 1"):
         OpenAIChatClient("http://127.0.0.1:1/v1", "m", concurrency=0)
+
+
+# -- credentials and failures ---------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Any-method server on 127.0.0.1 that records what reaches it and answers a scoreable rubric reply."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, dict, bytes]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                recorder.seen.append((self.command, self.path, dict(self.headers), self.rfile.read(length)))
+                payload = _Server.reply("1.b 0\n2.b 5\n3.b 5")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_redirect_is_not_followed_and_the_key_stays_home(server: _Server, monkeypatch):
+    monkeypatch.setenv("STEERING_TEST_KEY", "sk-secret-42")
+    elsewhere = _Recorder()  # another port: another origin
+    try:
+
+        def redirect(count: int, body: dict):
+            return 302, b"", 0.0
+
+        server.behaviour = redirect
+        original = server.httpd.RequestHandlerClass.send_header
+
+        def send_header(handler, name, value):  # add the Location of the redirect
+            original(handler, name, value)
+            if name == "Content-Type":
+                original(handler, "Location", f"http://127.0.0.1:{elsewhere.port}/v1/chat/completions")
+
+        monkeypatch.setattr(server.httpd.RequestHandlerClass, "send_header", send_header)
+        client = OpenAIChatClient(server.url, "m", api_key_env="STEERING_TEST_KEY", backoff=0.01)
+        judge = RubricJudge(client)
+        with pytest.raises(EndpointError, match=r"HTTP 302, a redirect to http://127\.0\.0\.1:\d+.*not followed"):
+            judge(["<OUTPUT>Welfare worries are overblown.</OUTPUT>"])
+        assert server.headers[0]["Authorization"] == "Bearer sk-secret-42"  # the configured server got it
+        assert elsewhere.seen == []  # nothing (no key, no GET with an empty body) reached the redirect target
+        assert len(server.requests) == 1  # and a redirect is not retried
+    finally:
+        elsewhere.close()
+
+
+def test_key_over_plain_http_to_another_machine_is_refused(monkeypatch):
+    monkeypatch.setenv("STEERING_TEST_KEY", "sk-secret-42")
+    for url in ("http://judge.example.com/v1", "http://10.0.0.5:8000/v1"):
+        with pytest.raises(ValueError, match=r"plain http.*allow_insecure=True") as info:
+            OpenAIChatClient(url, "m", api_key_env="STEERING_TEST_KEY")
+        assert "sk-secret" not in str(info.value)
+    for url in ("https://judge.example.com/v1", "http://127.0.0.1:8000/v1", "http://localhost:8000/v1",
+                "http://[::1]:8000/v1"):  # fmt: skip
+        assert not OpenAIChatClient(url, "m", api_key_env="STEERING_TEST_KEY").insecure
+    assert not OpenAIChatClient("http://judge.example.com/v1", "m", api_key_env="STEERING_TEST_KEY",
+                                allow_insecure=True).insecure  # fmt: skip
+    monkeypatch.delenv("STEERING_TEST_KEY")
+    client = OpenAIChatClient("http://judge.example.com/v1", "m", api_key_env="STEERING_TEST_KEY")  # no key: fine
+    monkeypatch.setenv("STEERING_TEST_KEY", "sk-secret-42")  # set afterwards: refused before anything is sent
+    with pytest.raises(EndpointError, match="plain http"):
+        client(_conversations(1))
+
+
+def test_server_errors_after_retries_give_unjudged_verdicts_not_an_exception(server: _Server):
+    def behaviour(count: int, body: dict):
+        if "a1" in body["messages"][-1]["content"]:
+            return 200, server.reply("1.b 0\n2.b 3\n3.b 4"), 0.0
+        return 502, b"bad gateway", 0.0
+
+    server.behaviour = behaviour
+    client = OpenAIChatClient(server.url, "m", backoff=0.01, max_retries=2, concurrency=2)
+    results = RubricJudge(client)([f"<OUTPUT>a{i}</OUTPUT>" for i in range(3)])
+    assert [(r.compliance, r.refused) for r in results] == [(None, None), (0.625, False), (None, None)]
+    assert [r.failed for r in results] == [True, False, True] and count_failed(results) == 2
+    assert results[0].details["error"] == REQUEST_FAILED and "HTTP 502" in results[0].details["failure"]
+    assert client.failed_requests == 2 and len(server.requests) == 1 + 2 * 3
+    votes = AlignmentFakingClassifier(client, votes=2)(["<SCRATCHPAD_REASONING>x</SCRATCHPAD_REASONING>"])
+    assert (votes[0].fraction, votes[0].details["error"], votes[0].details["failed"]) == (None, REQUEST_FAILED, 2)
+
+
+def test_spec_judge_options_reach_the_client():
+    from steering.gap import judge_for_spec
+    from steering.spec import SweepSpec
+
+    spec = SweepSpec(
+        name="j",
+        layers=[1],
+        coefficients=[1.0],
+        drivers=[{"name": "values", "dataset": "values"}],
+        scorer="judge",
+        judge="endpoint",
+        judge_url="http://127.0.0.1:9/v1",
+        judge_model="grader",
+        judge_timeout=7.5,
+        judge_retries=0,
+    )
+    client = judge_for_spec(spec).chat_fn
+    assert (client.url, client.model, client.timeout, client.max_retries) == ("http://127.0.0.1:9/v1", "grader", 7.5, 0)

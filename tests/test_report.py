@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from simulate import simulate_rows
 
-from steering.analysis import control_band, gap_curves, simulate_rows
+from steering.analysis import control_band, gap_curves
 from steering.report import (
     markdown_table,
     plot_compliance_by_condition,
@@ -165,3 +166,12 @@ def test_markdown_table_format():
     text = markdown_table(df)
     assert text.splitlines()[0] == "| driver | coefficient | gap | p | outside | coefficients_outside | ci_low |"
     assert text.splitlines()[2] == "| a\\|b | 4 | 0.123 | 0.00012 | yes | 2, 8 |  |"
+
+
+def test_report_says_one_control_is_not_testable(tmp_path):
+    rows = simulate_rows({"values": (0.0, 0.0005)}, layers=(4,), coefficients=(2.0,), n_controls=1, n_questions=6)
+    text = write_report(rows, tmp_path, n_boot=50, dpi=30)["report"].read_text()
+    band = text.split("### Against the random-control band")[1].split("###")[0]
+    assert "rest on 1 random-control direction(s) per cell" in band
+    assert "| values | 4 | 1 | 2 | not testable (1 control) |" in band
+    assert "| yes |" not in band and "No driver is testable here" in band

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -77,13 +78,18 @@ def _reference(model: SteeringModel, pairs, layer: int, position: str) -> tuple[
 
 @pytest.mark.parametrize("position", ["answer", "mean"])
 def test_mean_diff_matches_output_hidden_states(tiny, position):
-    pairs = _pairs()
+    pairs = _pairs()  # 4 pairs with the positive answer at (A), 3 at (B)
     vs = extract(tiny, pairs, layers=[0, 1], position=position, normalize="none", batch_size=3, progress=False)
+    plain = extract(tiny, pairs, layers=[0, 1], position=position, normalize="none", progress=False, balance=False)
+    assert (vs.method, plain.method) == ("mean_diff+balanced", "mean_diff")
+    a = torch.tensor([p.positive_letter == "A" for p in pairs])
     for layer in (0, 1):  # the last block's hidden_states entry has the final norm applied, so test below it
         pos, neg = _reference(tiny, pairs, layer, position)
         expected = pos.mean(dim=0) - neg.mean(dim=0)
         assert float(expected.norm()) > 1e-3
-        torch.testing.assert_close(vs[layer], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(plain[layer], expected, atol=1e-5, rtol=1e-4)
+        balanced = ((pos[a] - neg[a]).mean(dim=0) + (pos[~a] - neg[~a]).mean(dim=0)) / 2  # each letter group half
+        torch.testing.assert_close(vs[layer], balanced, atol=1e-5, rtol=1e-4)
 
 
 def test_left_and_right_padding_and_batch_size_give_the_same_vectors(tiny):
@@ -126,7 +132,7 @@ def test_normalisation_and_metadata(tiny):
     assert (unit.driver, unit.model, unit.method, unit.position, unit.normalized) == (
         "toy",
         "tiny-llama",
-        "mean_diff",
+        "mean_diff+balanced",  # A/B pairs: balanced over the positive answer's letter
         "answer",
         "unit",
     )
@@ -154,6 +160,17 @@ def test_bad_arguments_get_clear_errors(tiny):
     with pytest.raises(ValueError, match="ContrastPair objects"):
         extract(tiny, [("q", "(A", "(B")], progress=False)
     assert resolve_layers(-1, tiny.n_layers) == [2]
+
+
+def test_out_of_range_layers_give_the_one_message():
+    class Model:
+        n_layers = 3
+
+    assert resolve_layers(Model(), [-1, 0, -3]) == [0, 2]
+    for bad in (3, -4):
+        with pytest.raises(ValueError) as info:
+            resolve_layers(Model(), [bad])
+        assert str(info.value) == f"layer {bad} is out of range: the model has 3 layers (0..2, or -3..-1 from the end)"
 
 
 def test_pair_texts_use_the_chat_template_and_letter_last(tiny):
@@ -231,7 +248,7 @@ def test_extract_with_pca_and_probe_on_the_model(tiny):
     md = extract(tiny, pairs, layers=[1], progress=False)
     for method in ("pca", "probe"):
         vs = extract(tiny, pairs, layers=[1], method=method, progress=False)
-        assert vs.method == method and float(vs.norms()[1]) == pytest.approx(1.0, abs=1e-6)
+        assert vs.method == method + "+balanced" and float(vs.norms()[1]) == pytest.approx(1.0, abs=1e-6)
         assert float(vs[1] @ md[1]) > 0
 
 
@@ -253,7 +270,17 @@ def test_layer_quality_and_best_layers(tiny):
     vs = extract(tiny, pairs, progress=False)
     table = layer_quality(tiny, vs, pairs)
     assert list(table["layer"]) == [0, 1, 2]
-    assert list(table.columns) == ["layer", "accuracy", "separation", "mean_gap", "n_pairs"]
+    assert list(table.columns) == [
+        "layer",
+        "accuracy",
+        "separation",
+        "mean_gap",
+        "n_pairs",
+        "letter_cosine",
+        "worst_group_accuracy",
+        "accuracy_A",
+        "accuracy_B",
+    ]
     assert (table["n_pairs"] == len(pairs)).all()
     assert table["accuracy"].between(0, 1).all()
     vs.quality = table
@@ -265,3 +292,98 @@ def test_layer_quality_and_best_layers(tiny):
     assert best_layers(fake, 2) == [2, 1]
     with pytest.raises(ValueError, match="lacks accuracy"):
         best_layers(fake.drop(columns="accuracy"))
+
+
+# ---- the answer-letter confound ----------------------------------------------------------------------------
+def _lettered(n_a: int, n_b: int, d: int = 32, letter: float = 4.0, concept: float = 0.5, seed: int = 0):
+    """Synthetic A/B activations: each completion = base + concept_sign * concept * c + letter_sign * letter * l.
+
+    n_a pairs have the positive answer at (A), n_b at (B); the letter direction l is much larger than the concept c.
+    """
+    g = torch.Generator().manual_seed(seed)
+    c, l_dir = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    c /= c.norm()
+    l_dir -= (l_dir @ c) * c
+    l_dir /= l_dir.norm()
+    n = n_a + n_b
+    base = torch.randn(n, d, generator=g)
+    s = torch.tensor([1.0] * n_a + [-1.0] * n_b)[:, None]  # letter sign of the positive completion
+    noise = 0.15
+    pos = base + concept * c + s * letter * l_dir + noise * torch.randn(n, d, generator=g)
+    neg = base - concept * c - s * letter * l_dir + noise * torch.randn(n, d, generator=g)
+    pairs = [caa_pair(f"q{i}", "(A)" if i < n_a else "(B)", "(B)" if i < n_a else "(A)", id=str(i)) for i in range(n)]
+    return pos, neg, pairs, c, l_dir
+
+
+def _cos(a, b) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def test_balanced_mean_diff_recovers_the_concept_despite_a_large_letter_direction():
+    pos, neg, pairs, concept, letter = _lettered(n_a=30, n_b=10)
+    groups = [p.balance_group for p in pairs]
+    assert groups == ["A"] * 30 + ["B"] * 10
+    naive = mean_diff(pos, neg)
+    balanced = mean_diff(pos, neg, groups=groups)
+    assert _cos(balanced, concept) > 0.9 and abs(_cos(balanced, letter)) < 0.1
+    assert _cos(naive, concept) < 0.5 and _cos(naive, letter) > 0.8  # the letter dominates the plain mean
+    # exactly the mean of the two groups' mean differences, whatever their sizes
+    expected = ((pos[:30] - neg[:30]).double().mean(0) + (pos[30:] - neg[30:]).double().mean(0)) / 2
+    torch.testing.assert_close(balanced.double(), expected, atol=1e-6, rtol=1e-6)
+    # the other methods weigh the groups equally too
+    assert abs(_cos(probe(pos, neg, groups=groups), letter)) < 0.05  # weighted, the letter tells pos from neg nothing
+    assert float(pca(pos, neg, groups=groups) @ balanced) > 0
+
+
+def test_quality_table_shows_a_letter_confounded_vector():
+    from steering.vectors import VectorSet, quality_table
+
+    pos, neg, pairs, concept, letter = _lettered(n_a=30, n_b=10, seed=1)
+    groups = [p.balance_group for p in pairs]
+    sets = {
+        name: VectorSet("v", "m", "mean_diff", "answer", "none", 32, 40, "0" * 64, {5: vector})
+        for name, vector in (("naive", mean_diff(pos, neg)), ("balanced", mean_diff(pos, neg, groups=groups)))
+    }
+    naive = quality_table(sets["naive"], {5: pos}, {5: neg}, pairs).iloc[0]
+    good = quality_table(sets["balanced"], {5: pos}, {5: neg}, pairs).iloc[0]
+    assert naive["letter_cosine"] > 0.8 and abs(good["letter_cosine"]) < 0.1
+    assert naive["accuracy_A"] == 1.0 and naive["accuracy_B"] < 0.2 and naive["worst_group_accuracy"] < 0.2
+    assert good["accuracy_A"] >= 0.9 and good["accuracy_B"] >= 0.9 and good["worst_group_accuracy"] >= 0.9
+    rows = torch.cat([pos, neg])
+    is_a = torch.tensor([True] * 30 + [False] * 10 + [False] * 30 + [True] * 10)  # positives then negatives
+    hand = rows[is_a].double().mean(0) - rows[~is_a].double().mean(0)
+    assert naive["letter_cosine"] == pytest.approx(_cos(sets["naive"][5], hand), abs=1e-9)
+    plain = quality_table(sets["naive"], {5: pos}, {5: neg}).iloc[0]  # without pairs: no letter columns to fill
+    assert np.isnan(plain["letter_cosine"]) and np.isnan(plain["worst_group_accuracy"])
+
+
+def test_extract_balances_unequal_letter_groups_on_the_model(tiny):
+    pairs = [p for p in _pairs(8) if p.positive_letter == "A"] + [p for p in _pairs(4) if p.positive_letter == "B"]
+    assert [p.positive_letter for p in pairs] == ["A"] * 4 + ["B"] * 2
+    balanced = extract(tiny, pairs, layers=[1, 2], normalize="none", progress=False)
+    naive = extract(tiny, pairs, layers=[1, 2], normalize="none", progress=False, balance=False)
+    pos, neg = collect_activations(tiny, pairs, [1, 2], progress=False)
+    a = torch.tensor([p.positive_letter == "A" for p in pairs])
+    table = layer_quality(tiny, balanced, pairs)
+    naive_table = layer_quality(tiny, naive, pairs).set_index("layer")
+    for layer in (1, 2):
+        d = (pos[layer] - neg[layer]).double()
+        torch.testing.assert_close(balanced[layer].double(), (d[a].mean(0) + d[~a].mean(0)) / 2, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(naive[layer].double(), d.mean(0), atol=1e-5, rtol=1e-4)
+        row = table.set_index("layer").loc[layer]
+        is_a = torch.cat([a, ~a])  # answer letter of positives, then of negatives
+        rows = torch.cat([pos[layer], neg[layer]]).double()
+        letter = rows[is_a].mean(0) - rows[~is_a].mean(0)
+        assert row["letter_cosine"] == pytest.approx(_cos(balanced[layer], letter), abs=1e-6)
+        assert abs(row["letter_cosine"]) < abs(naive_table.loc[layer, "letter_cosine"])  # less letter in it
+        expected_a = projection_quality(balanced[layer], pos[layer][a], neg[layer][a])["accuracy"]
+        assert row["accuracy_A"] == expected_a and row["n_pairs"] == 6
+
+
+def test_custom_method_without_groups_is_warned_and_unbalanced(tiny):
+    def plain(pos, neg):
+        return pos.mean(0) - neg.mean(0)
+
+    with pytest.warns(UserWarning, match="not balanced over answer letters"):
+        vs = extract(tiny, _pairs(3), layers=[1], method=plain, progress=False)
+    assert vs.method == "plain"

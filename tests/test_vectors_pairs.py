@@ -193,3 +193,29 @@ def test_select_split_and_pairs_hash():
         select_split([ContrastPair("a", "(A", "(B")], "train")
     assert pairs_sha256(pairs) == pairs_sha256(list(pairs))
     assert pairs_sha256(pairs) != pairs_sha256(pairs[::-1])
+
+
+def test_pairs_know_their_answer_letters_and_balance_group():
+    from dataclasses import asdict
+
+    from steering.vectors import caa_pair
+
+    a, b = caa_pair("q", "(A)", " (B)"), caa_pair("q", " (B)", "(A)")
+    assert (a.positive_letter, a.negative_letter, a.balance_group) == ("A", "B", "A")
+    assert (b.positive_letter, b.negative_letter, b.balance_group) == ("B", "A", "B")
+    plain = ContrastPair("q", " Yes", " No")
+    assert (plain.positive_letter, plain.group, plain.balance_group) == (None, None, None)
+    assert ContrastPair("q", " Yes", " No", group="yes-first").balance_group == "yes-first"
+    assert ContrastPair("q", "(A", "(B", group="g").balance_group == "g"  # an explicit group wins
+    with pytest.raises(ValueError, match="group must be a non-empty string"):
+        ContrastPair("q", "(A", "(B", group="")
+    # the packaged data: every pair has a letter group, both letters occur in each split
+    train = load_driver("values", "train")
+    assert {p.balance_group for p in train} == {"A", "B"}
+    # pairs without a group hash exactly as before the field existed
+    old = hashlib.sha256()
+    for pair in train[:3]:
+        record = {k: v for k, v in asdict(pair).items() if k != "group"}
+        old.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+    assert pairs_sha256(train[:3]) == old.hexdigest()
+    assert pairs_sha256([ContrastPair("q", "(A", "(B", group="g")]) != pairs_sha256([ContrastPair("q", "(A", "(B")])

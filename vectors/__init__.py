@@ -12,6 +12,7 @@ from .datasets import (
     DRIVERS,
     dataset_sha256,
     driver_path,
+    file_sha256,
     load_caa_json,
     load_csv,
     load_driver,
@@ -19,11 +20,11 @@ from .datasets import (
     load_mwe_jsonl,
     load_pairs,
 )
-from .extract import NORMALIZATIONS, READ_POSITIONS, collect_activations, extract, pair_texts
+from .extract import NORMALIZATIONS, READ_POSITIONS, balance_groups, collect_activations, extract, pair_texts
 from .gguf_export import export_gguf, read_gguf
-from .methods import METHODS, mean_diff, pca, probe
-from .pairs import ContrastPair, answer_completion, caa_pair, has_splits, pairs_sha256, select_split
-from .quality import layer_quality, projection_quality, quality_table
+from .methods import METHODS, group_weights, mean_diff, pca, probe
+from .pairs import ContrastPair, answer_completion, answer_letter, caa_pair, has_splits, pairs_sha256, select_split
+from .quality import layer_quality, letter_direction, projection_quality, quality_table
 from .vectorset import FORMAT, VectorSet, VectorTransferWarning, best_layers
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "VectorSet",
     "VectorTransferWarning",
     "answer_completion",
+    "answer_letter",
+    "balance_groups",
     "best_layers",
     "caa_pair",
     "collect_activations",
@@ -44,8 +47,11 @@ __all__ = [
     "driver_path",
     "export_gguf",
     "extract",
+    "file_sha256",
+    "group_weights",
     "has_splits",
     "layer_quality",
+    "letter_direction",
     "load_caa_json",
     "load_csv",
     "load_driver",

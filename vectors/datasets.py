@@ -43,9 +43,21 @@ def _resolve(name_or_path: str | Path) -> Path:
     return path
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes (read in chunks): pins the exact content of a vector or data file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"cannot hash {path}: it is not an existing file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def dataset_sha256(name_or_path: str | Path) -> str:
     """SHA-256 hex digest of a driver's dataset file (or of any file): pins the exact data a vector came from."""
-    return hashlib.sha256(_resolve(name_or_path).read_bytes()).hexdigest()
+    return file_sha256(_resolve(name_or_path))
 
 
 def _nonempty(pairs: list[ContrastPair], path: Path, split: str = "all") -> list[ContrastPair]:

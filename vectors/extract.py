@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from steering.hooks import At, resolve_layers
 
-from .methods import Method, get_method
+from .methods import Method, accepts_groups, get_method
 from .pairs import ContrastPair, pairs_sha256
 from .vectorset import VectorSet
 
@@ -144,6 +145,17 @@ def normalize_vector(vector: Tensor, mode: str, residual_norm: float | None = No
     return (vector.double() * (target / norm)).float()
 
 
+def balance_groups(pairs: Sequence[ContrastPair]) -> list[str] | None:
+    """One group label per pair for balanced extraction (``ContrastPair.balance_group``: the explicit ``group``,
+    else the positive answer's letter), or None when there is nothing to balance (no labels, or a single group).
+    Pairs without a label form a group of their own."""
+    labels = [p.balance_group for p in pairs]
+    if all(label is None for label in labels):
+        return None
+    labels = ["" if label is None else label for label in labels]
+    return labels if len(set(labels)) > 1 else None
+
+
 def _default_sha(pairs: list[ContrastPair], driver: str | None) -> str:
     """The driver file's hash when ``pairs`` are exactly one split of that packaged driver, else the pairs' hash."""
     from .datasets import DRIVERS, dataset_sha256, load_driver
@@ -167,8 +179,14 @@ def extract(
     progress: bool = True,
     padding_side: str = "left",
     dataset_sha256: str | None = None,
+    balance: bool = True,
 ) -> VectorSet:
     """One vector per layer [d_model] from contrast pairs: ``method(pos [N, d], neg [N, d])`` then ``normalize``.
+
+    ``balance`` (default): when the pairs fall into groups (``balance_groups``: on A/B data, whether the positive
+    answer is (A) or (B)), the method weighs each group equally (``groups=`` keyword, see ``vectors.methods``), so
+    the A-minus-B letter direction cancels even when the groups are unequal; the set's ``method`` then reads e.g.
+    ``"mean_diff+balanced"``. ``balance=False`` gives the plain, pair-weighted method.
 
     ``dataset_sha256`` defaults to the driver file's hash when ``pairs`` are a split of that packaged driver, else
     to a hash of the pairs themselves.
@@ -178,16 +196,25 @@ def extract(
     method_name, fn = get_method(method)
     pairs = _check_pairs(pairs)
     layers = resolve_layers(layers, int(model.n_layers))
+    groups = balance_groups(pairs) if balance else None
+    if groups is not None and not accepts_groups(fn):
+        warnings.warn(
+            f"method {method_name!r} takes no groups= keyword, so the vectors are not balanced over answer letters; "
+            "add a groups=None keyword to the method (see steering.vectors.methods) or pass balance=False",
+            stacklevel=2,
+        )
+        groups = None
+    kwargs = {} if groups is None else {"groups": groups}
     pos, neg = collect_activations(model, pairs, layers, position, batch_size, progress, padding_side)
     norms = model.residual_norms() if normalize == "residual" else None
     vectors = {}
     for layer in layers:
-        raw = fn(pos[layer], neg[layer]).detach().to("cpu", torch.float32)
+        raw = fn(pos[layer], neg[layer], **kwargs).detach().to("cpu", torch.float32)
         vectors[layer] = normalize_vector(raw, normalize, None if norms is None else float(norms[layer]), layer)
     return VectorSet(
         driver=driver or "custom",
         model=model.name,
-        method=method_name,
+        method=method_name + ("+balanced" if groups is not None else ""),
         position=position,
         normalized=normalize,
         d_model=int(model.d_model),
