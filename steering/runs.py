@@ -21,7 +21,7 @@ def load_rows(store_or_spec: str | Path, run: str | None = None) -> pd.DataFrame
         path, run = spec.store_path, run or spec.name
     if not path.exists():
         raise ValueError(f"result store {path} does not exist; run the sweep first")
-    with ResultStore(path) as store:
+    with ResultStore.open_for_reading(path) as store:
         rows = store.frame(run)
     if rows.empty:
         raise ValueError(f"no rows for run {run!r} in {path}")
@@ -33,6 +33,16 @@ def report_store(store_or_spec: str | Path, run: str | None = None, out: str | P
     rows = load_rows(store_or_spec, run)
     out = Path(out) if out else Path("reports") / Path(store_or_spec).stem
     return write_report(rows, out, title=f"Compliance gap: {', '.join(sorted(rows.run.unique()))}")
+
+
+def unjudged_note(rows: pd.DataFrame) -> str:
+    """A line for the rows of a judged run that have no verdict yet (empty when there are none)."""
+    if "scorer" not in rows or not (rows.scorer == "judge").any():
+        return ""
+    missing = int(rows.compliance.isna().sum())
+    if not missing:
+        return ""
+    return f"{missing} of {len(rows)} rows have no verdict yet (the judge failed); rerun the same command to judge them"
 
 
 def run_spec(

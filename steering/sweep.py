@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from steering.coefficients import relative_scale
 from steering.compliance import BASELINE, Cell, Conversation, ForcedChoiceScorer
+from steering.gap import judge_for_spec
 from steering.hooks import resolve_layer
 from steering.models import SteeringModel, load_model
 from steering.questions import Question, load_questions
@@ -127,6 +128,8 @@ class SweepRun:
     grid: Grid
     scorer: Any
     bar: Any = None
+    saved: dict[tuple, tuple] = field(default_factory=dict)  # stored (generation, verdict) per row key
+    unjudged: int = 0  # rows this run stored without a verdict (the judge failed or its reply was unreadable)
 
     def row_keys(self, variant: str, seed: int, question: str) -> set[tuple]:
         """Store keys of every row one question gets (all stored cells x conditions)."""
@@ -168,9 +171,15 @@ def run_sweep(
     store: ResultStore | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run (or resume) ``spec``; returns the run's rows as a DataFrame."""
+    """Run (or resume) ``spec``; returns the run's rows as a DataFrame.
+
+    A rerun skips finished rows and re-judges rows stored without a verdict from their saved generations. The run
+    records the sha256 of every file it reads, so a resume with changed vectors or data is refused, naming the file.
+    """
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_toml(spec)
+    spec.validate()
+    inputs = spec.input_hashes()
     model = model or load_model(spec.model, dtype=spec.dtype, device=spec.device, backend=spec.backend)
     own_store = store is None
     if own_store and spec.store is None:
@@ -178,9 +187,11 @@ def run_sweep(
     store = store or ResultStore(spec.store_path)
     try:
         vectors = resolve_vectors(spec, model, progress)  # before registering: a bad spec leaves no trace
-        store.begin_run(spec.name, spec.to_dict(), model.name, library_versions())
-        scorer = ForcedChoiceScorer(model, spec.setting) if spec.scorer == "forced-choice" else _judge_for(spec)
+        store.begin_run(spec.name, spec.identity(), model.name, library_versions(), inputs=inputs)
+        scorer = ForcedChoiceScorer(model, spec.setting) if spec.scorer == "forced-choice" else judge_for_spec(spec)
         run = SweepRun(spec, model, store, build_grid(spec, vectors, model), scorer)
+        if spec.scorer == "judge":
+            run.saved = saved_generations(store.frame(spec.name))
         done = store.done_keys(spec.name)
         plan = []
         for seed in spec.seeds:
@@ -190,28 +201,47 @@ def run_sweep(
                 plan.append((seed, variant, todo))
         total = sum(len(todo) for *_, todo in plan)
         run.bar = tqdm(total=total, desc=f"sweep {spec.name}", unit="question", disable=not progress)
-        for seed, variant, todo in plan:
-            if todo:
-                score = _run_judged if spec.scorer == "judge" else _run_forced_choice
-                score(run, seed, variant, todo)
-        run.bar.close()
+        try:
+            for seed, variant, todo in plan:
+                if todo:
+                    score = _run_judged if spec.scorer == "judge" else _run_forced_choice
+                    score(run, seed, variant, todo)
+        except KeyboardInterrupt:
+            log.warning("interrupted after %d of %d questions; rerun to resume", run.bar.n, total)
+            raise
+        finally:
+            run.bar.close()
+        if run.unjudged:
+            log.warning(
+                "%d rows have no verdict (the judge failed or its reply was unreadable); their generations are "
+                "kept: rerun the same spec to judge them again",
+                run.unjudged,
+            )
         return store.frame(spec.name)
     finally:
         if own_store:
             store.close()
 
 
-def _judge_for(spec: SweepSpec):
-    from steering.gap import make_judge
-
-    judge_model = load_model(spec.judge_model) if spec.judge_model else None
-    return make_judge(spec.judge, judge_model, spec.judge_url)
+def saved_generations(rows: pd.DataFrame) -> dict[tuple, tuple[str, float | None]]:
+    """Generations already stored, with their verdict (None where the judge failed), keyed by (driver, layer,
+    coefficient, variant, condition, question, seed): a rerun judges the unjudged ones again instead of generating
+    anew, and keeps the verdicts it has."""
+    out = {}
+    for row in rows.itertuples(index=False):
+        response = json.loads(row.extra or "{}").get("response")
+        if response is not None:
+            key = (row.driver, int(row.layer), float(row.coefficient), row.variant, row.condition, row.question)
+            out[(*key, int(row.seed))] = (response, None if pd.isna(row.compliance) else float(row.compliance))
+    return out
 
 
 def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) -> None:
     """Generate once per (question, condition) with one batch row per cell (steering ``generated`` tokens by
-    default), judge every output, and commit the question's rows."""
+    default), judge every output, and commit the question's rows; generations saved by an earlier run whose
+    judging failed are judged again, not regenerated."""
     from steering.compliance import interventions_for
+    from steering.judge import Judgement
     from steering.scenario import load_setting
 
     spec, cells = run.spec, run.grid.scored
@@ -220,14 +250,28 @@ def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) ->
         rows = []
         for condition in spec.conditions:
             prompt = setting.messages(question.question, condition, variant, scratchpad=True)
-            texts = []
-            for lo in range(0, len(cells), spec.batch_size):
-                chunk = cells[lo : lo + spec.batch_size]
-                ivs = interventions_for(chunk, spec.positions)
-                texts += run.model.generate([prompt] * len(chunk), spec.max_new_tokens, ivs, seed=seed)
-            verdicts = run.scorer(texts, [question.question] * len(texts))
+            keys = [(c.driver, c.layer, c.coefficient, variant, condition, question.id, seed) for c in cells]
+            known = [run.saved.get(key, (None, None)) for key in keys]
+            texts = [text for text, _ in known]
+            missing = [i for i, text in enumerate(texts) if text is None]
+            for lo in range(0, len(missing), spec.batch_size):
+                chunk = missing[lo : lo + spec.batch_size]
+                ivs = interventions_for([cells[i] for i in chunk], spec.positions)
+                generated = run.model.generate([prompt] * len(chunk), spec.max_new_tokens, ivs, seed=seed)
+                for i, text in zip(chunk, generated):
+                    texts[i] = text
+            verdicts = [Judgement(score, None) if score is not None else None for _, score in known]
+            unjudged = [i for i, verdict in enumerate(verdicts) if verdict is None]
+            for i, verdict in zip(
+                unjudged, run.scorer([texts[i] for i in unjudged], [question.question] * len(unjudged))
+            ):
+                verdicts[i] = verdict
             for cell, verdict, text in zip(cells, verdicts, texts):
-                rows.append(run.row(variant, seed, question.id, cell, condition, verdict.compliance, response=text))
+                extra = {"response": text}
+                if not verdict.judged:
+                    run.unjudged += 1
+                    extra["judge_error"] = str(verdict.details.get("error", "unreadable reply"))
+                rows.append(run.row(variant, seed, question.id, cell, condition, verdict.compliance, **extra))
         run.commit(rows)
 
 

@@ -153,6 +153,20 @@ def test_killed_sweep_resumes_to_the_same_table(tiny, vector_file, tmp_path):
     with ResultStore(tmp_path / "kill.sqlite") as store:
         partial = len(store)
     assert 0 < partial < len(ref), "the worker must be killed mid-run"
+    # the vector file replaced between the kill and the rerun (same path, sign flipped): refused, naming the file
+    original = Path(vector_file).read_bytes()
+    from steering.vectors import VectorSet
+
+    flipped = VectorSet.load(vector_file)
+    flipped.vectors = {layer: -v for layer, v in flipped.vectors.items()}
+    try:
+        flipped.save(vector_file)
+        with pytest.raises(StoreMismatchError, match="vector:values"):
+            run_sweep(spec, model=tiny, progress=False)
+    finally:
+        Path(vector_file).write_bytes(original)
+    with ResultStore(tmp_path / "kill.sqlite") as store:
+        assert len(store) == partial  # the refused rerun wrote nothing
     resumed = run_sweep(spec, model=tiny, progress=False)
     keys = list(KEY_COLUMNS)
     assert not resumed.duplicated(keys).any()
@@ -199,6 +213,62 @@ def test_judged_sweep_generates_per_cell_and_records_outputs(tiny, vector_file, 
     assert responses["values40.0"] != responses["none0.0"]  # steering changed the generated text
     assert responses["values0.0"] == responses["none0.0"]
     assert rows.compliance.between(0, 1).all()
+
+
+def test_judge_failing_mid_run_keeps_generations_and_a_rerun_judges_them(tiny, vector_file, tmp_path, monkeypatch):
+    """A judge whose requests fail for some items: the run finishes, stores those rows unjudged with their
+    generations, and a rerun judges exactly them again without generating anything."""
+    import steering.sweep as sweep_module
+    from steering.judge import REQUEST_FAILED, Judgement
+
+    calls = {"judged": 0, "generated": 0}
+
+    def flaky_judge(fail: bool):
+        def judge(texts, questions):
+            calls["judged"] += len(texts)
+            out = []
+            for i, _ in enumerate(texts):
+                failed = fail and i % 2 == 0
+                out.append(Judgement(None, None, {"error": REQUEST_FAILED}) if failed else Judgement(0.25, False))
+            return out
+
+        return judge
+
+    generate = tiny.generate
+
+    def counting_generate(prompts, *args, **kwargs):
+        calls["generated"] += len(prompts)
+        return generate(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(tiny, "generate", counting_generate)
+    spec = SweepSpec.from_toml(write_spec(tmp_path / "f.toml", vector_file, tmp_path / "f.sqlite", n=2))
+    spec.scorer, spec.positions, spec.max_new_tokens, spec.control_seeds = "judge", "generated", 3, []
+    spec.coefficients, spec.layers = [0, 40.0], [1]
+    monkeypatch.setattr(sweep_module, "judge_for_spec", lambda spec: flaky_judge(fail=True))
+    first = run_sweep(spec, model=tiny, progress=False)
+    unjudged = first[first.compliance.isna()]
+    # 2 questions x 2 conditions x 3 rows; the baseline's verdict failed, so it and its coefficient-0 copy are unjudged
+    assert len(first) == 2 * 2 * 3 and len(unjudged) == 8 and set(unjudged.coefficient) == {0.0}
+    assert all(json.loads(e)["response"] for e in unjudged.extra)
+    assert calls["generated"] == 2 * 2 * 2  # questions x conditions x (baseline + one steered cell)
+    with ResultStore(tmp_path / "f.sqlite") as store:
+        assert store.unjudged_count("t") == 8
+    calls.update(judged=0, generated=0)
+    monkeypatch.setattr(sweep_module, "judge_for_spec", lambda spec: flaky_judge(fail=False))
+    second = run_sweep(spec, model=tiny, progress=False)
+    assert calls["generated"] == 0  # the saved generations were judged, not regenerated
+    assert calls["judged"] == 2 * 2  # only the rows without a verdict went to the judge again
+    assert not second.compliance.isna().any() and len(second) == len(first)
+    pd.testing.assert_series_equal(
+        second.extra.map(lambda e: json.loads(e)["response"]), first.extra.map(lambda e: json.loads(e)["response"])
+    )
+
+
+def test_negative_spec_layers_count_from_the_end(tiny, vector_file, tmp_path):
+    spec = SweepSpec.from_toml(write_spec(tmp_path / "n.toml", vector_file, tmp_path / "n.sqlite", n=1))
+    spec.layers, spec.coefficients, spec.control_seeds = [-1], [1.0], []
+    rows = run_sweep(spec, model=tiny, progress=False)
+    assert set(rows[rows.driver == "values"].layer) == {2}
 
 
 def test_packaged_specs_parse():

@@ -15,8 +15,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def execute(args: argparse.Namespace) -> None:
     from steering.experiments import load_spec
-    from steering.runs import run_spec
+    from steering.runs import run_spec, unjudged_note
 
     spec = load_spec(args.spec)
     rows = run_spec(spec, report_dir=args.report)
     print(f"{len(rows)} rows in {spec.store_path} (run {spec.name!r}); `steering report {spec.store_path}`")
+    if note := unjudged_note(rows):
+        print(note)

@@ -32,6 +32,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def execute(args: argparse.Namespace) -> None:
+    from steering.runs import unjudged_note
     from steering.spec import DriverSpec, SweepSpec
     from steering.sweep import run_sweep
 
@@ -57,3 +58,5 @@ def execute(args: argparse.Namespace) -> None:
     )
     frame = run_sweep(spec)
     print(f"{len(frame)} rows in {spec.store_path} (run {spec.name!r}); `steering report {spec.store_path}`")
+    if note := unjudged_note(frame):
+        print(note)
