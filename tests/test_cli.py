@@ -56,3 +56,10 @@ def test_every_command_is_registered_explicitly():
     names = set(parser._subparsers._group_actions[0].choices)
     assert names == {"demo", "fetch", "info", "extract", "vectors", "gap", "sweep", "run", "report", "layers"}
     assert {c.NAME for c in cli.COMMANDS} == names
+
+
+def test_gap_refuses_a_key_over_plain_http_to_another_machine(capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    argv = ["gap", "--scorer", "judge", "--judge", "endpoint", "--judge-url", "http://judge.example.com/v1"]
+    code, err = run(capsys, *argv, "--n", "1", "--judge-timeout", "1", "--judge-retries", "0")
+    assert code == 2 and "http://" in err and "allow" in err and len(err.strip().splitlines()) == 1

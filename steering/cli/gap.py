@@ -19,6 +19,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", default=None, help="model for --judge local")
     p.add_argument("--judge-url", default=None, help="base URL for --judge endpoint (key from $OPENAI_API_KEY)")
     p.add_argument("--judge-name", default=None, help="model name sent to the endpoint")
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    p.add_argument("--judge-retries", type=int, default=3, help="retries after a 5xx, timeout or connection error")
+    p.add_argument(
+        "--allow-insecure", action="store_true", help="allow an API key over plain http:// to another machine"
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--out", default=None, help="write the rows to this CSV")
     p.add_argument("--list", action="store_true", help="list the prompt variants and exit")
@@ -37,13 +42,16 @@ def execute(args: argparse.Namespace) -> None:
     from steering import load_model
     from steering.gap import make_judge, measure_gap
 
-    model = load_model(args.model)
     judge = None
     kw = {}
-    if args.scorer == "judge":
+    if args.scorer == "judge":  # the judge first: a bad URL or key fails before the model loads
         judge_model = load_model(args.judge_model) if args.judge_model else None
-        judge = make_judge(args.judge, judge_model, args.judge_url, judge_name=args.judge_name)
+        judge = make_judge(
+            args.judge, judge_model, args.judge_url, judge_name=args.judge_name, timeout=args.judge_timeout,
+            retries=args.judge_retries, allow_insecure=args.allow_insecure,
+        )  # fmt: skip
         kw["max_new_tokens"] = args.max_new_tokens
+    model = load_model(args.model)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, stats = measure_gap(model, args.prompt, args.scorer, args.n, seeds, judge, setting=args.setting, **kw)
     if args.out:
