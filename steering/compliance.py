@@ -128,19 +128,21 @@ class ForcedChoiceScorer:
     # ---- tokens ----------------------------------------------------------------------------------------------
     def tokenize(self, variant: str, conversations: Sequence[Conversation]) -> tuple[list[list[int]], list[int]]:
         """Token ids of each conversation and where its assistant turn starts (same for every cell)."""
-        ids, starts = [], []
+        heads, fulls = [], []
         for conv in conversations:
             messages = self.setting.messages(
                 option_message(conv.question, conv.order), conv.condition, variant, scratchpad=False
             )
-            head = self.model.format_chat(messages, add_generation_prompt=False)
-            full = self.model.format_chat(messages, add_generation_prompt=True) + self.prefill
-            row = self.model.tokenizer(full, add_special_tokens=False)["input_ids"]
-            start = len(self.model.tokenizer(head, add_special_tokens=False)["input_ids"])
-            if row[:start] != self.model.tokenizer(head, add_special_tokens=False)["input_ids"]:
+            heads.append(self.model.format_chat(messages, add_generation_prompt=False))
+            fulls.append(self.model.format_chat(messages, add_generation_prompt=True) + self.prefill)
+        if not fulls:
+            return [], []
+        encoded = self.model.tokenizer(fulls + heads, add_special_tokens=False)["input_ids"]  # one batched call
+        ids, head_ids = encoded[: len(fulls)], encoded[len(fulls) :]
+        starts = [len(head) for head in head_ids]
+        for row, head in zip(ids, head_ids):
+            if row[: len(head)] != head:
                 raise ValueError("the chat template tokenizes differently with the generation prompt; cannot split it")
-            ids.append(row)
-            starts.append(start)
         return ids, starts
 
     @staticmethod
