@@ -93,9 +93,9 @@ def completion_span(prefix_ids: list[int], full_ids: list[int]) -> tuple[int, in
 
 
 # Tokens (rows x padded length) of one extraction batch when ``max_batch_tokens`` is not given. A CPU gains
-# nothing from larger batches (16 pairs of ~130 tokens, as before); a GPU needs a few thousand tokens per pass to
-# be busy, and several passes so the host prepares the next batch while the GPU runs this one.
-CPU_EXTRACT_TOKENS = 4096
+# little from larger batches (this holds the 16 pairs of up to ~250 tokens a batch held before); a GPU needs a few
+# thousand tokens per pass to be busy, and several passes so the host prepares the next batch while one runs.
+CPU_EXTRACT_TOKENS = 8192
 GPU_EXTRACT_TOKENS = 16384
 GPU_MEMORY_SHARE = 0.25
 ACTIVATION_FACTOR = 12  # transient bytes per token of one block ~ this x d_model x element size (MLP included)
