@@ -279,8 +279,7 @@ def sweep_section(args, model, hf, device: str, norms, info: dict) -> common.Sec
         "ours, one conversation per pass": ours("ours, one conversation per pass", batch_size=32, max_batch_tokens=1),
     }
     budget = default_batch_tokens(model)
-    # warm-up on one conversation and two cells, untimed
-    ForcedChoiceScorer(model).score_conversations("base", convs[:1], cells[:2])
+    # warm-up, untimed: the loop on one conversation and two cells, ours on the whole work
     loop_side(model, hf, scorer, ids[:1], starts[:1], cells[:2], device, {})()
     for name in ("ours", "ours, one conversation per pass"):
         sides[name]()

@@ -336,7 +336,7 @@ class ForcedChoiceScorer:
             _crop(cache, shared)
             if k > 1:
                 cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=device))
-        return _per_conversation(out)
+        return _per_conversation(out, len(rows))
 
     def _score_group_full(
         self, rows: list[list[int]], begins: list[int], cells: Sequence[Cell], per_pass: int, positions: str
@@ -357,7 +357,7 @@ class ForcedChoiceScorer:
                     None if place is None else place.repeat_interleave(m, dim=0),
                 )
             out.append(self._letter_probs(logits).view(len(rows), m, 2))
-        return _per_conversation(out)
+        return _per_conversation(out, len(rows))
 
     def score(
         self,
@@ -488,6 +488,8 @@ def plan_groups(
         return (shared or 0) + width if shared is not None else FULL_PROMPT_COST * width
 
     def per_pass(tokens: int) -> int:
+        if n_cells == 0:
+            return 1
         if batch_size is not None:
             return min(batch_size, n_cells)
         most = max(1, min(n_cells, budget // max(tokens, 1)))
@@ -518,8 +520,10 @@ def _crop(cache, length: int) -> None:
         cache.crop(-excess)
 
 
-def _per_conversation(chunks: list[Tensor]) -> list[list[Tensor]]:
+def _per_conversation(chunks: list[Tensor], k: int) -> list[list[Tensor]]:
     """[k, m, 2] letter probabilities per pass -> per conversation, a [2] tensor per cell (one host copy)."""
+    if not chunks:
+        return [[] for _ in range(k)]
     probs = torch.cat(chunks, dim=1).cpu()
     return [list(row) for row in probs]
 

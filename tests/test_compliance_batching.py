@@ -228,3 +228,10 @@ def test_plan_groups_fills_the_token_budget_in_order():
     assert [g.conversations for g in exact] == [[0], [1], [2], [3], [4]]
     same = plan_groups([[0] * 50] * 3, [45] * 3, 40, n_cells=2, budget=10**6, pads_exact=False)
     assert same == [Group([0, 1, 2], 2)]
+
+
+def test_no_cells_yield_empty_lists(tiny):
+    scorer, convs = ForcedChoiceScorer(tiny), _conversations(1)
+    for reuse in (True, False):
+        out = list(scorer.score_conversations(VARIANT, convs, [], reuse_prefix=reuse))
+        assert out == [(conv, []) for conv in convs]
