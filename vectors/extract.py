@@ -194,7 +194,7 @@ def collect_activations(
         return [completion_span(host[2 * n + index[r % len(index)]], ids) for r, ids in enumerate(rows)]
 
     results: list[tuple[list[int], Tensor]] = []
-    copying = False  # device-to-host copies in flight
+    copying: torch.device | None = None  # the CUDA device with device-to-host copies in flight
     bar = tqdm(total=len(batches), desc="extract", unit="batch", disable=not progress)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(encode, batches[0])
@@ -206,12 +206,12 @@ def collect_activations(
                 pending = pool.submit(encode, batches[k + 1])  # tokenized while this batch runs
             acts = model.capture(enc, layers, _at(spans(index), position))
             stacked = torch.stack([acts[layer].detach() for layer in layers]).to(torch.float32)  # [L, 2b, d]
-            copying |= stacked.is_cuda
+            copying = stacked.device if stacked.is_cuda else copying
             results.append((index, stacked.to("cpu", non_blocking=stacked.is_cuda)))
             bar.update()
     bar.close()
-    if copying:
-        torch.cuda.synchronize()  # the non-blocking copies above have landed
+    if copying is not None:
+        torch.cuda.synchronize(copying)  # the non-blocking copies above have landed
     pos_out = {layer: torch.empty(n, model.d_model) for layer in layers}
     neg_out = {layer: torch.empty(n, model.d_model) for layer in layers}
     for index, stacked in results:
