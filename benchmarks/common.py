@@ -348,6 +348,23 @@ def emit(section: Section, args: argparse.Namespace, started: float) -> None:
         args.out.with_suffix(".json").write_text(json.dumps(summary))
 
 
+def emit_sections(title: str, sections: Sequence[Section], args: argparse.Namespace, started: float, headline: str):
+    """``emit`` for a script with several sections: printed together, written together to ``--out``."""
+    seconds = time.perf_counter() - started
+    peak = peak_rss_mb()
+    for section in sections:
+        if section.peak_rss is None and not section.status:
+            section.peak_rss = peak
+    text = "\n".join(section.markdown() for section in sections)
+    print(text, flush=True)
+    if args.out is not None:
+        args.out.write_text(text)
+        statuses = {section.status for section in sections}
+        status = statuses.pop() if len(statuses) == 1 else ""
+        summary = {"title": title, "status": status, "headline": headline, "seconds": seconds}
+        args.out.with_suffix(".json").write_text(json.dumps(summary))
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -36,10 +36,13 @@ def build_sides(model, pairs, vectors_mod, results: dict, notes: list[str]) -> d
     texts = [vectors_mod.pair_texts(model, p) for p in pairs]
     sides = {}
 
-    # Plain forward: the decoder stack over the same texts, batched as ours batches them (longest pairs first,
-    # positives and negatives of BATCH_PAIRS pairs in one left-padded batch); tokenizing is included.
-    order = sorted(range(len(pairs)), key=lambda i: -max(len(texts[i][1]), len(texts[i][2])))
-    batches = [order[k : k + BATCH_PAIRS] for k in range(0, len(order), BATCH_PAIRS)]
+    # Plain forward: the decoder stack over the same texts in the same batches as ours (our plan: pairs sorted by
+    # token length, at most BATCH_PAIRS pairs and the default token budget per batch, positives and negatives of a
+    # batch in one left-padded batch); tokenizing is included, the plan is computed once here.
+    from steering.vectors.extract import default_extract_tokens, plan_batches
+
+    lengths = [max(len(model.encode(t[1]).input_ids[0]), len(model.encode(t[2]).input_ids[0])) for t in texts]
+    batches = plan_batches(lengths, default_extract_tokens(model), BATCH_PAIRS)
     stack = getattr(hf, hf.base_model_prefix)
 
     def plain():
@@ -150,9 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     notes += [
         f"pairs: the first {len(pairs)} train pairs of the packaged '{args.driver}' driver; texts = chat template "
         "(SmolLM2's default system prompt, the user turn, the assistant header) + '(A' or '(B'",
-        f"batching: {BATCH_PAIRS} pairs per batch everywhere: ours and the plain forward put positives and "
-        "negatives of a batch in one left-padded forward pass (longest pairs first); steering-vectors runs the "
-        f"positives and the negatives as two passes of {BATCH_PAIRS}; repeng runs {2 * BATCH_PAIRS} texts per pass",
+        f"batching: ours and the plain forward use the same batches (ours: longest pairs first, at most "
+        f"{BATCH_PAIRS} pairs and the default token budget per batch), positives and negatives of a batch in one "
+        f"left-padded forward pass; steering-vectors runs the positives and the negatives as two passes of "
+        f"{BATCH_PAIRS}; repeng runs {2 * BATCH_PAIRS} texts per pass",
         "plain forward = the decoder stack only (`model.model(...)`, no LM head, use_cache=False) over the same "
         "batches, tokenizing included: the floor any extraction must pay",
         "steering-vectors `train_steering_vector(..., read_token_index=-1)` clones every position of every layer "

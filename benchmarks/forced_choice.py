@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     def side(reuse: bool):
         def run():
             scorer.tokens_processed = 0
-            frames[reuse] = scorer.score(questions, "informative", reuse_prefix=reuse)
+            # without reuse: one conversation per pass (max_batch_tokens=1), i.e. one full forward per row
+            budget = None if reuse else 1
+            frames[reuse] = scorer.score(questions, "informative", reuse_prefix=reuse, max_batch_tokens=budget)
             tokens[reuse] = scorer.tokens_processed
 
         return run

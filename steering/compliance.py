@@ -4,14 +4,19 @@ The model sees the scenario's system prompt, the condition cue and a question wi
 answer as options (A)/(B); its assistant turn is prefilled up to the letter. Compliance is the probability of the
 compliant letter renormalised over the two letters, averaged over both orders (so a letter bias cancels).
 
-Speed: the system prompt is prefilled once per variant, each conversation's user turn once on top of it, and only
-the assistant header + prefill (a few tokens) runs per steering cell, with one batch row per cell. Steering
-``response`` positions touches exactly those tokens, so reusing the unsteered prefix is exact.
+Speed: the system prompt is prefilled once per variant; the user turns of several consecutive conversations run
+in one batch on top of it; then one pass runs only the assistant header + prefill (a few tokens) of those
+conversations with one batch row per (conversation, cell). Steering ``response`` positions touches exactly those
+tokens, so reusing the unsteered prefix is exact. Padding between conversations of different lengths is masked
+and each row keeps its own positions, so a batch gives every row the numbers it gets alone. How many
+conversations share a pass comes from a token budget (``max_batch_tokens``; by default sized to the device).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -27,6 +32,11 @@ from steering.scenario import CONDITIONS, Setting, load_setting
 LETTERS = ("A", "B")
 PREFILL = "<OUTPUT>("
 REUSABLE = ("response",)
+# Token budget of one forward pass (rows x (cached + new tokens)) when none is given: fixed on a CPU (today's
+# 32 cells x ~1,000 tokens), a share of the free memory on a GPU (see ``default_batch_tokens``).
+CPU_BATCH_TOKENS = 1 << 15
+GPU_MEMORY_SHARE = 0.4
+FULL_PROMPT_COST = 4  # a new token costs about this many cached ones (activations besides its KV entry)
 
 
 @dataclass(frozen=True)
@@ -72,8 +82,13 @@ class Conversation:
         return self.order  # order 0: compliant is (A) -> index 0
 
 
-def interventions_for(cells: Sequence[Cell], positions: str) -> list[Intervention]:
-    """One intervention per (driver, layer) with a per-row coefficient: row i gets cell i's, others 0."""
+def interventions_for(
+    cells: Sequence[Cell], positions: str, place: Callable[[Tensor], Tensor] | None = None
+) -> list[Intervention]:
+    """One intervention per (driver, layer) with a per-row coefficient: row i gets cell i's, others 0.
+
+    ``place``, if given, maps a cell's vector to the copy to use (e.g. already on the model's device and dtype).
+    """
     groups: dict[tuple[str, int], list[int]] = {}
     for i, cell in enumerate(cells):
         if cell.vector is not None and cell.absolute != 0.0:
@@ -83,7 +98,8 @@ def interventions_for(cells: Sequence[Cell], positions: str) -> list[Interventio
         coef = torch.zeros(len(cells))
         for i in rows:
             coef[i] = cells[i].absolute
-        out.append(Intervention(layer, cells[rows[0]].vector, coef, positions=positions))
+        vector = cells[rows[0]].vector
+        out.append(Intervention(layer, vector if place is None else place(vector), coef, positions=positions))
     return out
 
 
@@ -96,6 +112,8 @@ class ForcedChoiceScorer:
         self.prefill = prefill
         self.letter_ids = [self._letter_id(letter) for letter in LETTERS]
         self.tokens_processed = 0
+        self._logits_to_keep: bool | None = None
+        self._vectors: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (vector, its copy on the model's device)
 
     def _letter_id(self, letter: str) -> int:
         tok = self.model.tokenizer
@@ -110,14 +128,14 @@ class ForcedChoiceScorer:
     # ---- tokens ----------------------------------------------------------------------------------------------
     def tokenize(self, variant: str, conversations: Sequence[Conversation]) -> tuple[list[list[int]], list[int]]:
         """Token ids of each conversation (with the prefill) and where its assistant turn starts."""
-        ids, starts = [], []
+        chats = []
         for conv in conversations:
             messages = self.setting.messages(
                 option_message(conv.question, conv.order), conv.condition, variant, scratchpad=False
             )
-            row, start = self.model.chat_ids(messages, suffix=self.prefill)
-            ids.append(row)
-            starts.append(start)
+            chats.append(messages)
+        pairs = self.model.chat_ids_many(chats, suffix=self.prefill)  # one batched tokenizer call
+        ids, starts = [row for row, _ in pairs], [start for _, start in pairs]
         return ids, starts
 
     @staticmethod
@@ -138,10 +156,22 @@ class ForcedChoiceScorer:
         return logits.float().softmax(-1)[:, self.letter_ids]
 
     @torch.no_grad()
-    def _forward(self, ids: Tensor, mask: Tensor, cache=None) -> Tensor:
-        self.tokens_processed += int(mask[:, -ids.shape[1] :].sum())
-        out = self.model.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+    def _forward(self, ids: Tensor, mask: Tensor, cache=None, position_ids: Tensor | None = None) -> Tensor:
+        """Logits [rows, vocab] at the last column of ``ids``; ``mask`` covers cached and new tokens."""
+        kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = 1  # only the answer position: saves the LM head on every other token
+        out = self.model.model(
+            input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None, **kwargs
+        )
         return out.logits[:, -1]
+
+    @property
+    def _keeps_logits(self) -> bool:
+        if self._logits_to_keep is None:
+            params = inspect.signature(self.model.model.forward).parameters
+            self._logits_to_keep = "logits_to_keep" in params
+        return self._logits_to_keep
 
     def score_conversations(
         self,
@@ -150,60 +180,177 @@ class ForcedChoiceScorer:
         cells: Sequence[Cell] = (BASELINE,),
         positions: str = "response",
         reuse_prefix: bool = True,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         progress: bool = False,
+        max_batch_tokens: int | None = None,
     ) -> Iterator[tuple[Conversation, list[Tensor]]]:
-        """Yield, per conversation, the letter probabilities [2] of every cell (in ``cells`` order)."""
+        """Yield, per conversation in input order, the letter probabilities [2] of every cell (in ``cells`` order).
+
+        One forward pass covers the cells of several consecutive conversations (rows = conversation x cell).
+        ``max_batch_tokens`` bounds rows x (cached + new tokens) of one pass, i.e. the KV cache it holds; the
+        default fits the device (``default_batch_tokens``). ``batch_size``, if given, caps the cells of one
+        conversation per pass (``None``: as many as the token budget allows).
+        """
         if not conversations:
             raise ValueError("no conversations to score; pass at least one question and condition")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (or None), got {batch_size}")
         ids, starts = self.tokenize(variant, conversations)
         self.model.check_context_length(max(len(r) for r in ids))
-        device = self.model.device
         if reuse_prefix and positions not in REUSABLE:
             reuse_prefix = False  # steering the prompt changes the prefix: every cell needs its own forward
         shared = self.shared_prefix(ids, min(starts) - 1) if reuse_prefix else 0
+        budget = default_batch_tokens(self.model) if max_batch_tokens is None else max_batch_tokens
+        if budget < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {budget}")
+        groups = plan_groups(
+            ids,
+            starts,
+            shared if reuse_prefix else None,
+            len(cells),
+            budget,
+            batch_size,
+            pads_exact=padding_is_exact(self.model, max(len(r) for r in ids) * 2),
+        )
+        self._vectors = {}
         cache = None
         if reuse_prefix:
             from transformers import DynamicCache
 
-            cache = DynamicCache(config=self.model.model.config)
-            prefix = torch.tensor([ids[0][:shared]], device=device)
+            # Sliding-window layers of a config-built cache drop old tokens and then refuse to crop the suffix
+            # back out; a cache of plain layers keeps every token (the attention mask applies the window).
+            sliding = sliding_window(self.model) is not None
+            cache = DynamicCache() if sliding else DynamicCache(config=self.model.model.config)
+            prefix = torch.tensor([ids[0][:shared]], device=self.model.device)
+            self.tokens_processed += shared
             self._forward(prefix, torch.ones_like(prefix), cache)
         bar = tqdm(total=len(conversations), desc=f"forced choice [{variant}]", disable=not progress, leave=False)
-        for conv, row, start in zip(conversations, ids, starts):
-            probs: list[Tensor] = []
+        for group in groups:
+            rows = [ids[j] for j in group.conversations]
+            begins = [starts[j] for j in group.conversations]
             if reuse_prefix:
-                user = torch.tensor([row[shared:start]], device=device)
-                self._forward(user, torch.ones((1, start), dtype=torch.long, device=device), cache)
-            for lo in range(0, len(cells), batch_size):
-                chunk = cells[lo : lo + batch_size]
-                probs.extend(self._score_chunk(row, start, chunk, positions, cache))
-            if reuse_prefix:
-                cache.crop(-(start - shared))
-            bar.update()
-            yield conv, probs
+                probs = self._score_group_cached(rows, begins, shared, cells, group.cells, positions, cache)
+            else:
+                probs = self._score_group_full(rows, begins, cells, group.cells, positions)
+            for j, conv_probs in zip(group.conversations, probs):
+                yield conversations[j], conv_probs
+            bar.update(len(group.conversations))
         bar.close()
 
-    def _score_chunk(self, row: list[int], start: int, cells: Sequence[Cell], positions: str, cache) -> list[Tensor]:
-        device, n = self.model.device, len(cells)
-        layout = RowLayout(
-            prompt_len=torch.full((n,), len(row), device=device), response_start=torch.full((n,), start, device=device)
-        )
-        ivs = interventions_for(cells, positions)
-        if cache is None:
-            ids = torch.tensor([row], device=device).expand(n, -1)
+    def _pad_rows(self, parts: list[list[int]], side: str) -> tuple[Tensor, Tensor]:
+        """Token ids and mask [k, width] of ``parts`` padded on ``side`` (host tensors)."""
+        width = max(len(p) for p in parts)
+        pad = self.model.tokenizer.pad_token_id or 0
+        out = torch.full((len(parts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(parts), width), dtype=torch.long)
+        for r, part in enumerate(parts):
+            span = slice(width - len(part), width) if side == "left" else slice(0, len(part))
+            out[r, span] = torch.tensor(part, dtype=torch.long)
+            mask[r, span] = 1
+        return out, mask
+
+    def _layout(self, rows: list[list[int]], begins: list[int], per_conv: int) -> RowLayout:
+        device = self.model.device
+        lengths = torch.tensor([len(r) for r in rows]).repeat_interleave(per_conv)
+        response = torch.tensor(begins).repeat_interleave(per_conv)
+        return RowLayout(prompt_len=lengths.to(device), response_start=response.to(device))
+
+    def _placed(self, vector: Tensor) -> Tensor:
+        """``vector`` on the model's device and dtype, copied once per scoring call (no copy inside a forward)."""
+        key = id(vector)
+        if key not in self._vectors:
+            self._vectors[key] = (vector, vector.to(device=self.model.device, dtype=self.model.dtype))
+        return self._vectors[key][1]
+
+    def _passes(self, rows, begins, cells: Sequence[Cell], per_pass: int, positions: str) -> list[tuple]:
+        """(cells per conversation, interventions, layout) of each pass over ``k`` conversations, built before any
+        forward so their host-to-device copies do not stall one."""
+        k, out = len(rows), []
+        for lo in range(0, len(cells), per_pass):
+            chunk = list(cells[lo : lo + per_pass])
+            ivs = interventions_for(chunk * k, positions, self._placed)
+            out.append((len(chunk), ivs, self._layout(rows, begins, len(chunk))))
+        return out
+
+    def _score_group_cached(
+        self,
+        rows: list[list[int]],
+        begins: list[int],
+        shared: int,
+        cells: Sequence[Cell],
+        per_pass: int,
+        positions: str,
+        cache,
+    ) -> list[list[Tensor]]:
+        """Cells of ``k`` conversations over the shared prefix in ``cache`` (batch 1, ``shared`` tokens).
+
+        The user turns of the ``k`` conversations run in one batch on top of the prefix (right-padded, so padding
+        sits inside the cache, masked); then per pass the cache is repeated per cell and the assistant headers +
+        prefill (left-padded, so every row's answer position is the last column) run with rows = conversation x
+        cell. Padding is masked and ``position_ids`` are each row's own, so every row computes what it would alone;
+        the hooks read row positions from the 2-D mask, so ``response`` touches exactly each row's real suffix.
+        """
+        device, k = self.model.device, len(rows)
+        users, user_mask = self._pad_rows([row[shared:start] for row, start in zip(rows, begins)], "right")
+        suffixes, suffix_mask = self._pad_rows([row[start:] for row, start in zip(rows, begins)], "left")
+        padded = not (bool(user_mask.all()) and bool(suffix_mask.all()))
+        user_len, suffix_len = users.shape[1], suffixes.shape[1]
+        head = torch.cat([torch.ones((k, shared), dtype=torch.long), user_mask], dim=1)
+        full_mask = torch.cat([head, suffix_mask], dim=1)
+        place = (full_mask.cumsum(-1) - 1).clamp(min=0)  # each row's own positions (pads: any value, masked)
+        user_place = place[:, shared : shared + user_len].to(device) if padded else None
+        suffix_place = place[:, -suffix_len:].to(device) if padded else None
+        users, head, suffixes, full_mask = (t.to(device) for t in (users, head, suffixes, full_mask))
+        passes = self._passes(rows, begins, cells, per_pass, positions)
+        self.tokens_processed += sum(start - shared for start in begins)
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+        out: list[Tensor] = []
+        try:
+            self._forward(users, head, cache, user_place)
+            for m, ivs, layout in passes:
+                self.tokens_processed += m * sum(len(row) - start for row, start in zip(rows, begins))
+                if m > 1:
+                    cache.batch_repeat_interleave(m)
+                try:
+                    with self.model.steer(ivs, layout):
+                        logits = self._forward(
+                            suffixes.repeat_interleave(m, dim=0),
+                            full_mask.repeat_interleave(m, dim=0),
+                            cache,
+                            None if suffix_place is None else suffix_place.repeat_interleave(m, dim=0),
+                        )
+                finally:
+                    _crop(cache, shared + user_len)
+                    if m > 1:
+                        cache.batch_select_indices(torch.arange(0, k * m, m, device=device))
+                out.append(self._letter_probs(logits).view(k, m, 2))
+        finally:
+            _crop(cache, shared)
+            if k > 1:
+                cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=device))
+        return _per_conversation(out, len(rows))
+
+    def _score_group_full(
+        self, rows: list[list[int]], begins: list[int], cells: Sequence[Cell], per_pass: int, positions: str
+    ) -> list[list[Tensor]]:
+        """Cells of ``k`` conversations as whole prompts, left-padded, one row per conversation x cell."""
+        device = self.model.device
+        ids, mask = self._pad_rows(rows, "left")
+        place = (mask.cumsum(-1) - 1).clamp(min=0).to(device) if not bool(mask.all()) else None
+        ids, mask = ids.to(device), mask.to(device)
+        out: list[Tensor] = []
+        for m, ivs, layout in self._passes(rows, begins, cells, per_pass, positions):
+            self.tokens_processed += m * sum(len(row) for row in rows)
             with self.model.steer(ivs, layout):
-                logits = self._forward(ids, torch.ones_like(ids))
-        else:
-            suffix = torch.tensor([row[start:]], device=device).expand(n, -1)
-            cache.batch_repeat_interleave(n)
-            try:
-                with self.model.steer(ivs, layout):
-                    logits = self._forward(suffix, torch.ones((n, len(row)), dtype=torch.long, device=device), cache)
-            finally:
-                cache.crop(-(len(row) - start))
-                cache.batch_select_indices(torch.tensor([0], device=device))
-        return list(self._letter_probs(logits).cpu())
+                logits = self._forward(
+                    ids.repeat_interleave(m, dim=0),
+                    mask.repeat_interleave(m, dim=0),
+                    None,
+                    None if place is None else place.repeat_interleave(m, dim=0),
+                )
+            out.append(self._letter_probs(logits).view(len(rows), m, 2))
+        return _per_conversation(out, len(rows))
 
     def score(
         self,
@@ -213,14 +360,17 @@ class ForcedChoiceScorer:
         cells: Sequence[Cell] = (BASELINE,),
         positions: str = "response",
         reuse_prefix: bool = True,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         progress: bool = False,
+        max_batch_tokens: int | None = None,
     ) -> pd.DataFrame:
         """Compliance per (question, condition, cell): one row each, averaged over the two option orders."""
         if not questions:
             raise ValueError("no questions to score; load at least one (load_questions(n=...))")
         convs = [Conversation(q, c, order) for q in questions for c in conditions for order in (0, 1)]
-        results = self.score_conversations(variant, convs, cells, positions, reuse_prefix, batch_size, progress)
+        results = self.score_conversations(
+            variant, convs, cells, positions, reuse_prefix, batch_size, progress, max_batch_tokens
+        )
         return self.to_frame(variant, cells, results)
 
     @staticmethod
@@ -248,6 +398,127 @@ class ForcedChoiceScorer:
                     }
                 )
         return pd.DataFrame(rows)
+
+
+# ---- batching plan -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Group:
+    """Consecutive conversations scored together, ``cells`` cells of each per forward pass."""
+
+    conversations: list[int]
+    cells: int
+
+
+def kv_bytes_per_token(model: SteeringModel) -> int:
+    """Bytes of KV cache one token takes in ``model`` (all layers, keys and values)."""
+    config = model.model.config
+    config = getattr(config, "text_config", None) or config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or model.d_model // heads
+    return 2 * model.n_layers * kv_heads * head_dim * model.dtype.itemsize
+
+
+def default_batch_tokens(model: SteeringModel) -> int:
+    """The token budget of one forward pass: rows x (cached + new) tokens.
+
+    On a GPU: ``GPU_MEMORY_SHARE`` of the memory free now (the caching allocator's spare included) over the KV bytes
+    of one token; elsewhere ``CPU_BATCH_TOKENS`` (a CPU gains little from larger batches, and RAM is shared).
+    """
+    device = model.device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(CPU_BATCH_TOKENS, int(GPU_MEMORY_SHARE * free / kv_bytes_per_token(model)))
+    return CPU_BATCH_TOKENS
+
+
+def sliding_window(model: SteeringModel) -> int | None:
+    """The model's sliding attention window, if its config declares one (and does not switch it off)."""
+    config = model.model.config
+    for cfg in (getattr(config, "text_config", None), config):
+        if cfg is None or getattr(cfg, "use_sliding_window", True) is False:
+            continue
+        window = getattr(cfg, "sliding_window", None)
+        if isinstance(window, int) and window > 0:
+            return window
+    return None
+
+
+def padding_is_exact(model: SteeringModel, length: int) -> bool:
+    """Whether masked padding inside a sequence of up to ``length`` tokens leaves every row's numbers as they are
+    alone: not with sliding-window attention narrower than that (the window counts padded slots)."""
+    window = sliding_window(model)
+    return window is None or window >= length
+
+
+def plan_groups(
+    ids: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    shared: int | None,
+    n_cells: int,
+    budget: int,
+    batch_size: int | None = None,
+    pads_exact: bool = True,
+) -> list[Group]:
+    """Split conversations (in order) into groups that share forward passes, within ``budget`` tokens per pass.
+
+    ``shared``: the prefix length every conversation reuses from the KV cache, or ``None`` for whole prompts (then
+    a token costs ``FULL_PROMPT_COST``). A pass of a group holds ``k x cells`` rows over ``shared`` + the longest
+    user turn + the longest assistant suffix of the group. ``cells`` per pass is ``batch_size`` when given (as
+    before: the rows of one conversation), else as many as the budget allows, split into even chunks. A group
+    grows while its passes fit the budget; a single conversation always forms a group. Without ``pads_exact``
+    only conversations of identical lengths share a group (no padding at all).
+    """
+
+    def spans(j: int) -> tuple[int, ...]:
+        if shared is None:
+            return (len(ids[j]),)
+        return (starts[j] - shared, len(ids[j]) - starts[j])
+
+    def length(members: list[tuple[int, ...]]) -> int:
+        width = sum(max(col) for col in zip(*members))
+        return (shared or 0) + width if shared is not None else FULL_PROMPT_COST * width
+
+    def per_pass(tokens: int) -> int:
+        if n_cells == 0:
+            return 1
+        if batch_size is not None:
+            return min(batch_size, n_cells)
+        most = max(1, min(n_cells, budget // max(tokens, 1)))
+        return math.ceil(n_cells / math.ceil(n_cells / most))
+
+    groups: list[Group] = []
+    members: list[int] = []
+    shapes: list[tuple[int, ...]] = []
+    for j in range(len(ids)):
+        shape = spans(j)
+        if members:
+            tokens = length([*shapes, shape])
+            fits = (len(members) + 1) * per_pass(tokens) * tokens <= budget
+            if fits and (pads_exact or shape == shapes[0]):
+                members.append(j)
+                shapes.append(shape)
+                continue
+            groups.append(Group(members, per_pass(length(shapes))))
+        members, shapes = [j], [shape]
+    groups.append(Group(members, per_pass(length(shapes))))
+    return groups
+
+
+def _crop(cache, length: int) -> None:
+    """Drop cached tokens beyond ``length`` (transformers >= 5.18 takes only a negative count)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+def _per_conversation(chunks: list[Tensor], k: int) -> list[list[Tensor]]:
+    """[k, m, 2] letter probabilities per pass -> per conversation, a [2] tensor per cell (one host copy)."""
+    if not chunks:
+        return [[] for _ in range(k)]
+    probs = torch.cat(chunks, dim=1).cpu()
+    return [list(row) for row in probs]
 
 
 def forced_choice_compliance(p_a: float, p_b: float, compliant: str) -> float:

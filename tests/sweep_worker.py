@@ -31,8 +31,22 @@ def tiny_model(tokenizer_dir: str, max_positions: int = 2048, name: str = "tiny-
 
 
 def main() -> None:
+    import os
+    import time
+
+    from steering.store import ResultStore
     from steering.sweep import run_sweep
 
+    pause = float(os.environ.get("SWEEP_WORKER_PAUSE", "0"))  # seconds after each commit: the kill lands mid-run
+    if pause:
+        write_rows = ResultStore.write_rows
+
+        def slow_write_rows(self, rows):
+            written = write_rows(self, rows)
+            time.sleep(pause)
+            return written
+
+        ResultStore.write_rows = slow_write_rows
     torch.set_num_threads(1)
     spec, tokenizer_dir = sys.argv[1], sys.argv[2]
     run_sweep(spec, model=tiny_model(tokenizer_dir), progress=False)

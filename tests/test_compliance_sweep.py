@@ -136,7 +136,7 @@ def test_killed_sweep_resumes_to_the_same_table(tiny, vector_file, tmp_path):
         write_spec(tmp_path / "ref.toml", vector_file, tmp_path / "ref.sqlite", n=6), model=tiny, progress=False
     )
     spec = write_spec(tmp_path / "kill.toml", vector_file, tmp_path / "kill.sqlite", n=6)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), SWEEP_WORKER_PAUSE="1.0")
     proc = subprocess.Popen([sys.executable, str(WORKER), str(spec), TOKENIZER], env=env)
     try:
         deadline = time.time() + 240

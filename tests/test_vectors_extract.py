@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ from steering.vectors import (
     probe,
     projection_quality,
 )
-from steering.vectors.extract import completion_span
+from steering.vectors.extract import completion_span, plan_batches
+
+extract_mod = sys.modules["steering.vectors.extract"]  # the package's `extract` is the function
 
 TOKENIZER = Path.home() / ".cache" / "steering" / "models" / "SmolLM2-135M-Instruct"
 
@@ -124,6 +127,54 @@ def test_capture_stops_after_the_deepest_requested_layer(tiny):
         handle.remove()
 
 
+def _forward_calls(model: SteeringModel) -> list[int]:
+    """A list that grows by the batch size of every forward pass through block 0 (remove with ``.handle``)."""
+    calls: list[int] = []
+    handle = model.layers[0].register_forward_hook(lambda module, args, output: calls.append(output.shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize("position", ["answer", "mean", "last"])
+def test_token_budget_batches_give_the_same_activations(tiny, position):
+    pairs = _pairs()
+    lengths = [len(tiny.encode(pair_texts(tiny, p)[1]).input_ids[0]) for p in pairs]
+    assert len(set(lengths)) == len(pairs)  # every batch of two or more pairs is padded
+    ref_pos, ref_neg = collect_activations(tiny, pairs, [0, 2], position, max_batch_tokens=1, progress=False)
+    calls, handle = _forward_calls(tiny)
+    try:
+        for kwargs in (dict(max_batch_tokens=10**6), dict(max_batch_tokens=5 * max(lengths)), dict(batch_size=2)):
+            calls.clear()
+            pos, neg = collect_activations(tiny, pairs, [0, 2], position, progress=False, **kwargs)
+            for layer in (0, 2):
+                torch.testing.assert_close(pos[layer], ref_pos[layer], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(neg[layer], ref_neg[layer], atol=1e-5, rtol=1e-4)
+            budget = kwargs.get("max_batch_tokens", extract_mod.CPU_EXTRACT_TOKENS)
+            planned = plan_batches(lengths, budget, kwargs.get("batch_size"))
+            assert calls == [2 * len(batch) for batch in planned]
+    finally:
+        handle.remove()
+    assert 1 < len(plan_batches(lengths, 5 * max(lengths))) < len(pairs)  # several batches, padded ones among them
+
+
+def test_plan_batches_sorts_by_length_and_fills_the_token_budget():
+    lengths = [10, 50, 30, 40, 20, 5]
+    assert plan_batches(lengths, 10**6) == [[1, 3, 2, 4, 0, 5]]
+    # 2 texts x pairs x longest: [50, 40] -> 200 tokens; [30, 20, 10] -> 180; [5] alone would fit but comes last
+    assert plan_batches(lengths, 200) == [[1, 3], [2, 4, 0], [5]]
+    assert plan_batches(lengths, 200, batch_size=2) == [[1, 3], [2, 4], [0, 5]]
+    assert plan_batches(lengths, 1) == [[1], [3], [2], [4], [0], [5]]  # a pair over the budget runs alone
+
+
+def test_host_token_ids_that_disagree_with_encode_fall_back_to_the_model(tiny, monkeypatch):
+    pairs = _pairs(5)
+    ref_pos, ref_neg = _reference(tiny, pairs, 1, "answer")
+    host = extract_mod._token_ids
+    monkeypatch.setattr(extract_mod, "_token_ids", lambda model, texts: [ids + [7] for ids in host(model, texts)])
+    pos, neg = collect_activations(tiny, pairs, [1], progress=False)
+    torch.testing.assert_close(pos[1], ref_pos, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(neg[1], ref_neg, atol=1e-5, rtol=1e-4)
+
+
 def test_normalisation_and_metadata(tiny):
     pairs = _pairs()
     unit = extract(tiny, pairs, layers="0,2", progress=False, driver="toy")
@@ -163,13 +214,10 @@ def test_bad_arguments_get_clear_errors(tiny):
 
 
 def test_out_of_range_layers_give_the_one_message():
-    class Model:
-        n_layers = 3
-
-    assert resolve_layers(Model(), [-1, 0, -3]) == [0, 2]
+    assert resolve_layers([-1, 0, -3], 3) == [0, 2]
     for bad in (3, -4):
         with pytest.raises(ValueError) as info:
-            resolve_layers(Model(), [bad])
+            resolve_layers([bad], 3)
         assert str(info.value) == f"layer {bad} is out of range: the model has 3 layers (0..2, or -3..-1 from the end)"
 
 

@@ -116,14 +116,24 @@ class SteeringModel:
     def chat_ids(self, messages: Sequence[dict], suffix: str = "") -> tuple[list[int], int]:
         """Token ids of ``messages`` with the generation prompt (assistant header) and ``suffix`` (e.g. a prefill),
         and ``response_start``: where the assistant header begins. The one place that computes it."""
-        head = self._ids(self.format_chat(messages, add_generation_prompt=False))
-        ids = self._ids(self.format_chat(messages, add_generation_prompt=True) + suffix)
-        if ids[: len(head)] != head:
-            raise ValueError(
-                "the chat template tokenizes the conversation differently once the assistant header is added, so "
-                "where the response starts is ambiguous; use a template whose header only appends tokens"
-            )
-        return ids, len(head)
+        return self.chat_ids_many([messages], suffix)[0]
+
+    def chat_ids_many(self, chats: Sequence[Sequence[dict]], suffix: str = "") -> list[tuple[list[int], int]]:
+        """``chat_ids`` of several conversations in one batched tokenizer call."""
+        if not chats:
+            return []
+        heads = [self.format_chat(messages, add_generation_prompt=False) for messages in chats]
+        fulls = [self.format_chat(messages, add_generation_prompt=True) + suffix for messages in chats]
+        encoded = self.tokenizer(fulls + heads, add_special_tokens=not self.has_chat_template)["input_ids"]
+        out = []
+        for ids, head in zip(encoded[: len(chats)], encoded[len(chats) :]):
+            if ids[: len(head)] != head:
+                raise ValueError(
+                    "the chat template tokenizes the conversation differently once the assistant header is added, "
+                    "so where the response starts is ambiguous; use a template whose header only appends tokens"
+                )
+            out.append((ids, len(head)))
+        return out
 
     def encode(self, prompts: Sequence[Prompt] | Prompt, padding_side: str = "left") -> Encoded:
         """Tokenize strings or chat conversations into a padded batch with its ``RowLayout``.
