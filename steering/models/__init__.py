@@ -1,7 +1,7 @@
 """Models: ``load_model`` / ``wrap`` give a ``SteeringModel`` on any backend (plain transformers, TransformerLens,
 nnsight); ``Encoded`` is a tokenized batch with its row layout."""
 
-from steering.models.base import NORM_TEXTS, Encoded, Prompt, SteeringModel
+from steering.models.base import NORM_TEXTS, Encoded, Prompt, SteeringModel, TextModel
 from steering.models.loading import load_model
 from steering.models.nnsight import NNsightModel, TracedModel
 from steering.models.transformer_lens import TransformerLensModel
@@ -14,6 +14,7 @@ __all__ = [
     "NNsightModel",
     "Prompt",
     "SteeringModel",
+    "TextModel",
     "TracedModel",
     "TransformerLensModel",
     "hf_module",
