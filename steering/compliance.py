@@ -27,6 +27,10 @@ from steering.scenario import CONDITIONS, Setting, load_setting
 LETTERS = ("A", "B")
 PREFILL = "<OUTPUT>("
 REUSABLE = ("response",)
+FORWARD_NEEDED = (
+    "forced-choice scoring reads letter probabilities from forward passes (model.model(...)), which {name} on the "
+    "{backend} backend does not have; use scorer='judge' (generation + judge) or load the model with backend='hf'"
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class ForcedChoiceScorer:
     """Scores conversations x cells on one model and setting; see the module docstring for the method."""
 
     def __init__(self, model: SteeringModel, setting: Setting | str = "animal_welfare", prefill: str = PREFILL):
+        if not getattr(model, "has_forward_pass", True):
+            raise ValueError(FORWARD_NEEDED.format(name=model.name, backend=model.backend))
         self.model = model
         self.setting = load_setting(setting) if isinstance(setting, str) else setting
         self.prefill = prefill

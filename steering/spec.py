@@ -15,6 +15,7 @@ from steering.scenario import CONDITIONS
 
 SCORERS = ("forced-choice", "judge")
 SPEC_FORMAT = 1
+DICT_KEYS = ("engine_kwargs",)  # keys whose value is a table, kept as a dict
 
 
 @dataclass
@@ -44,6 +45,8 @@ class SweepSpec:
     dtype: str = "float32"
     device: str = "cpu"
     backend: str = "hf"
+    tensor_parallel_size: int = 1  # backend = "vllm": GPUs per engine
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # backend = "vllm": more vllm.LLM arguments
     drivers: list[DriverSpec] = field(default_factory=list)
     control_seeds: list[int] = field(default_factory=list)
     control_like: str | None = None
@@ -75,6 +78,10 @@ class SweepSpec:
         _require(set(self.conditions) <= set(CONDITIONS) and bool(self.conditions), "conditions", str(CONDITIONS))
         _require(self.n_questions is None or self.n_questions > 0, "n_questions", "a positive count")
         _require(self.batch_size > 0, "batch_size", "a positive number")
+        _require(isinstance(self.engine_kwargs, dict), "engine_kwargs", "a table of vllm.LLM arguments")
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "a positive number of GPUs")
+        engine_only = self.tensor_parallel_size != 1 or bool(self.engine_kwargs)
+        _require(self.backend == "vllm" or not engine_only, "backend", "'vllm' for tensor_parallel_size, engine_kwargs")
         names = [d.name for d in self.drivers]
         _require(len(set(names)) == len(names), "drivers", "unique driver names")
         if self.control_seeds and self.control_like is None:
@@ -84,6 +91,13 @@ class SweepSpec:
     @property
     def store_path(self) -> Path:
         return Path(self.store) if self.store else Path("runs") / f"{self.name}.sqlite"
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The ``load_model`` arguments of this spec's model."""
+        kwargs: dict[str, Any] = dict(dtype=self.dtype, device=self.device, backend=self.backend)
+        if self.backend == "vllm":
+            kwargs.update(self.engine_kwargs, tensor_parallel_size=self.tensor_parallel_size)
+        return kwargs
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -104,7 +118,7 @@ class SweepSpec:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"cannot read spec {path}: {exc}") from None
-        flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+        flat = {k: v for k, v in raw.items() if not isinstance(v, dict) or k in DICT_KEYS}
         for table, prefix in (("grid", ""), ("questions", "q"), ("controls", "c")):
             for key, value in raw.get(table, {}).items():
                 name = {
@@ -113,10 +127,12 @@ class SweepSpec:
                 }
                 flat[name[prefix].get(key, f"{table}.{key}") if prefix else key] = value
         unknown_tables = [
-            k for k, v in raw.items() if isinstance(v, dict) and k not in ("grid", "questions", "controls")
+            k for k, v in raw.items() if isinstance(v, dict) and k not in ("grid", "questions", "controls", *DICT_KEYS)
         ]
         if unknown_tables:
-            raise ValueError(f"{path}: unknown table [{unknown_tables[0]}]; use [grid], [questions], [controls]")
+            raise ValueError(
+                f"{path}: unknown table [{unknown_tables[0]}]; use [grid], [questions], [controls], [engine_kwargs]"
+            )
         if "store" in flat and not Path(flat["store"]).is_absolute():
             flat["store"] = str(Path(flat["store"]))
         return cls.from_dict(flat, str(path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from steering.coefficients import relative_scale
-from steering.compliance import BASELINE, Cell, Conversation, ForcedChoiceScorer
+from steering.compliance import BASELINE, FORWARD_NEEDED, Cell, Conversation, ForcedChoiceScorer
 from steering.hooks import resolve_layer
 from steering.models import SteeringModel, load_model
 from steering.questions import Question, load_questions
@@ -171,7 +172,10 @@ def run_sweep(
     """Run (or resume) ``spec``; returns the run's rows as a DataFrame."""
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_toml(spec)
-    model = model or load_model(spec.model, dtype=spec.dtype, device=spec.device, backend=spec.backend)
+    backend = spec.backend if model is None else model.backend
+    if spec.scorer == "forced-choice" and (not model.has_forward_pass if model is not None else backend == "vllm"):
+        raise ValueError(FORWARD_NEEDED.format(name=spec.model, backend=backend))
+    model = model or load_model(spec.model, **spec.model_kwargs())
     own_store = store is None
     if own_store and spec.store is None:
         spec.store_path.parent.mkdir(parents=True, exist_ok=True)  # the default runs/ folder
@@ -192,8 +196,12 @@ def run_sweep(
         run.bar = tqdm(total=total, desc=f"sweep {spec.name}", unit="question", disable=not progress)
         for seed, variant, todo in plan:
             if todo:
-                score = _run_judged if spec.scorer == "judge" else _run_forced_choice
-                score(run, seed, variant, todo)
+                if spec.scorer == "forced-choice":
+                    _run_forced_choice(run, seed, variant, todo)
+                elif model.continuous_batching:
+                    _run_judged_engine(run, seed, variant, todo)
+                else:
+                    _run_judged(run, seed, variant, todo)
         run.bar.close()
         return store.frame(spec.name)
     finally:
@@ -229,6 +237,47 @@ def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) ->
             for cell, verdict, text in zip(cells, verdicts, texts):
                 rows.append(run.row(variant, seed, question.id, cell, condition, verdict.compliance, response=text))
         run.commit(rows)
+
+
+def request_seed(seed: int, question: str, condition: str, cell: Cell) -> int:
+    """A sampling seed per (seed, question, condition, cell): the same whatever else shares the engine call, so a
+    resumed or re-chunked sweep draws the same samples."""
+    key = f"{seed}/{question}/{condition}/{cell.driver}/{cell.layer}/{cell.coefficient!r}"
+    return zlib.crc32(key.encode())
+
+
+def _run_judged_engine(run: SweepRun, seed: int, variant: str, todo: list[Question]) -> None:
+    """The judged scorer on an engine with continuous batching (``backend="vllm"``): every cell x condition of a
+    chunk of questions is one request of ONE engine call, each carrying its own steering (so the engine keeps its
+    batch full and shares each prompt's prefix cache across cells); then each question is judged and committed.
+    A chunk holds as many whole questions as fit in ``batch_size`` requests (at least one), so a killed sweep loses
+    at most the chunk in flight."""
+    from steering.compliance import interventions_for
+    from steering.scenario import load_setting
+
+    spec, cells = run.spec, run.grid.scored
+    setting = load_setting(spec.setting)
+    per_question = len(spec.conditions) * len(cells)
+    step = max(1, spec.batch_size // per_question)
+    for lo in range(0, len(todo), step):
+        chunk = todo[lo : lo + step]
+        items = [(q, condition, cell) for q in chunk for condition in spec.conditions for cell in cells]
+        prompts = [setting.messages(q.question, condition, variant, scratchpad=True) for q, condition, _ in items]
+        texts = run.model.generate(
+            prompts,
+            spec.max_new_tokens,
+            interventions_for([cell for *_, cell in items], spec.positions),
+            seeds=[request_seed(seed, q.id, condition, cell) for q, condition, cell in items],
+        )
+        for k, question in enumerate(chunk):
+            part = slice(k * per_question, (k + 1) * per_question)
+            verdicts = run.scorer(texts[part], [question.question] * per_question)
+            run.commit(
+                [
+                    run.row(variant, seed, question.id, cell, condition, verdict.compliance, response=text)
+                    for (_, condition, cell), verdict, text in zip(items[part], verdicts, texts[part])
+                ]
+            )
 
 
 def _run_forced_choice(run: SweepRun, seed: int, variant: str, todo: list[Question]) -> None:
