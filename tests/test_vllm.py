@@ -375,6 +375,16 @@ def test_block_keys_cover_exactly_the_steered_prefix():
     assert key([], 32) is None and engine.cache_salt(engine.request_extra("k", 10, None)) is None
 
 
+def test_packaged_vllm_specs_parse():
+    from steering.experiments import load_spec
+
+    for name in ("paper_olmo_vllm", "paper_gemma_vllm", "paper_llama_vllm", "vllm_quickstart"):
+        spec = load_spec(name)
+        assert spec.backend == "vllm" and spec.scorer == "judge" and spec.drivers
+        assert spec.positions == "generated"  # prompts stay unsteered: one prefix cache for every cell
+    assert load_spec("paper_llama_vllm").tensor_parallel_size == 2
+
+
 def test_spec_engine_fields_and_refusals(tmp_path):
     from steering import load_model
     from steering.spec import SweepSpec
