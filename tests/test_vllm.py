@@ -312,6 +312,11 @@ def test_no_forward_pass_forced_choice_says_what_to_use(vm):
         ForcedChoiceScorer(vm)
     with pytest.raises(ValueError, match="no forward pass"):
         vm.model(input_ids=torch.tensor([[1, 2]]))
+    from steering import wrap
+
+    assert wrap(vm) is vm
+    with pytest.raises(ValueError, match="own engine"):
+        wrap(vm, backend="hf")
 
 
 def test_local_judge_chat_fn_batches_in_one_call(vm, monkeypatch):
