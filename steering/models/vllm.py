@@ -115,8 +115,17 @@ class VLLMModel(TextModel):
 
     def __init__(self, llm, tokenizer=None, name: str | None = None):
         config = llm.llm_engine.model_config
+        how = (
+            "build the engine with load_model(..., backend='vllm'), or LLM(..., enforce_eager=True, "
+            f"worker_extension_cls={engine.WORKER_EXTENSION!r})"
+        )
+        if not getattr(config, "enforce_eager", True):
+            raise ValueError(f"steering hooks cannot run inside CUDA graphs / torch.compile: {how}")
         tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
-        info = llm.collective_rpc("steer_install")[0]
+        try:
+            info = llm.collective_rpc("steer_install")[0]
+        except Exception as exc:  # noqa: BLE001 - the engine was built without our worker extension
+            raise ValueError(f"this vLLM engine has no steering worker extension ({exc}); {how}") from None
         self._init_text(tokenizer, name or config.model, info["n_layers"], info["d_model"])
         self.llm = llm
         self.model = _NoForwardPass(self.name)
