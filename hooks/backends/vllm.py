@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..intervention import Intervention
 from ..plan import Plan
-from ..positions import MODES, Positions, RowLayout
+from ..positions import MODES, OPEN, Positions, RowLayout
 
 EXTRA_KEY = "steering"
 WORKER_EXTENSION = f"{__name__}.SteeringWorkerExtension"
@@ -254,11 +254,38 @@ class _Req:
 
 @dataclass
 class _Composition:
-    """An ordered set of requests (one step's batch order) and the Plan of their steering."""
+    """An ordered set of requests (one step's batch order) and the Plan of their steering.
+
+    ``ranges``: per planned layer, every steered range of every request as arrays ``(request index, start, end)``
+    (end ``OPEN`` when open), so a step finds its touched layers with a few vectorized tests. ``capturing`` /
+    ``recording``: indices of the requests that capture / record.
+    """
 
     reqs: list[_Req | None]
     plan: Plan | None
     layout: RowLayout
+    ranges: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    capturing: list[int] = field(default_factory=list)
+    recording: list[int] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, reqs: list[_Req | None], vectors: dict[str, Tensor], n_layers: int) -> _Composition:
+        layout = _composition_layout(reqs)
+        comp = cls(reqs, _build_plan(reqs, layout, vectors, n_layers), layout)
+        per_layer: dict[int, list[tuple[int, int, int]]] = {}
+        for i, req in enumerate(reqs):
+            if req is None:
+                continue
+            for (layer, *_), ranges in zip(req.steer, req.ranges):
+                per_layer.setdefault(layer, []).extend((i, s, OPEN if e is None else e) for s, e in ranges)
+            if req.cap_layers and req.cap_pos.size:
+                comp.capturing.append(i)
+            if req.record:
+                comp.recording.append(i)
+        comp.ranges = {
+            layer: tuple(np.array(col, dtype=np.int64) for col in zip(*items)) for layer, items in per_layer.items()
+        }
+        return comp
 
 
 @dataclass
@@ -300,11 +327,6 @@ def _runner_layout(runner: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
         runner.query_start_loc.np[: n + 1].astype(np.int64),
         batch.num_computed_tokens_cpu[:n].astype(np.int64),
     )
-
-
-def _overlaps(lo: int, hi: int, ranges: list[Range]) -> bool:
-    """True if positions ``[lo, hi)`` meet one of ``ranges``."""
-    return any(s < hi and (e is None or e > lo) for s, e in ranges)
 
 
 def _build_plan(reqs: list[_Req | None], layout: RowLayout, vectors: dict[str, Tensor], n_layers: int) -> Plan | None:
@@ -531,8 +553,7 @@ class SteeringWorkerExtension:
             return comp
         reqs = [st["reqs"].get(rid) for rid in req_ids]
         reqs = [r if r is not None and r.active else None for r in reqs]
-        layout = _composition_layout(reqs)
-        comp = _Composition(reqs, _build_plan(reqs, layout, st["vectors"], st["n_layers"]), layout)
+        comp = _Composition.build(reqs, st["vectors"], st["n_layers"])
         st["stats"]["plans_built"] += 1
         st["plans"][key] = comp
         while len(st["plans"]) > PLAN_CACHE:
@@ -562,25 +583,22 @@ class SteeringWorkerExtension:
         comp = self._steer_composition(req_ids)
         step = _Step(comp, int(starts[-1]), positions, rows, starts)
         plan = comp.plan
-        planned = set(plan.layers) if plan is not None else set()
+        first, last = positions[starts[:-1]], positions[starts[1:] - 1] + 1  # each request's positions this step
+        for layer, (idx, lo, hi) in comp.ranges.items():
+            if bool(np.any((lo < last[idx]) & (hi > first[idx]))):
+                step.edit_layers.add(layer)
         cap_rows: dict[int, tuple[list[int], list[tuple[str, int, bool]]]] = {}
-        for i, req in enumerate(comp.reqs):
-            if req is None:
-                continue
-            lo, hi = int(starts[i]), int(starts[i + 1])
-            first, last = int(positions[lo]), int(positions[hi - 1]) + 1
-            for (layer, *_), ranges in zip(req.steer, req.ranges):
-                if layer in planned and _overlaps(first, last, ranges):
-                    step.edit_layers.add(layer)
-            if req.cap_layers and req.cap_pos.size:
-                hit = np.nonzero(np.isin(positions[lo:hi], req.cap_pos))[0]
-                for layer in req.cap_layers:
-                    rows_l, keys_l = cap_rows.setdefault(layer, ([], []))
-                    rows_l.extend((hit + lo).tolist())
-                    keys_l.extend((req.key, int(positions[lo + h]), req.cap_norm) for h in hit)
-            if req.record:
-                step.record_rows.append((req.key, lo, hi))
-                st["records"].setdefault(req.key, {}).setdefault("computed", []).extend(positions[lo:hi].tolist())
+        for i in comp.capturing:
+            req, lo, hi = comp.reqs[i], int(starts[i]), int(starts[i + 1])
+            hit = np.nonzero(np.isin(positions[lo:hi], req.cap_pos))[0]
+            for layer in req.cap_layers:
+                rows_l, keys_l = cap_rows.setdefault(layer, ([], []))
+                rows_l.extend((hit + lo).tolist())
+                keys_l.extend((req.key, int(positions[lo + h]), req.cap_norm) for h in hit)
+        for i in comp.recording:
+            req, lo, hi = comp.reqs[i], int(starts[i]), int(starts[i + 1])
+            step.record_rows.append((req.key, lo, hi))
+            st["records"].setdefault(req.key, {}).setdefault("computed", []).extend(positions[lo:hi].tolist())
         step.captures = {
             layer: (torch.tensor(r, dtype=torch.long), k) for layer, (r, k) in cap_rows.items() if r and st["reader"]
         }
