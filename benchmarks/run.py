@@ -25,7 +25,8 @@ except ImportError:  # imported as benchmarks.run
     from benchmarks import common
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("overhead", "extraction", "memory", "forced_choice", "sweep", "backends", "gpu")
+SCRIPTS = ("overhead", "extraction", "memory", "forced_choice", "sweep", "backends", "vllm_cpu")
+GPU_SCRIPTS = ("gpu", "vllm_gpu")  # "skipped: no GPU" on a CPU machine
 TIMEOUT_S = 1800
 
 
@@ -34,9 +35,9 @@ def all_scripts() -> list[str]:
     extra = sorted(
         path.stem
         for path in HERE.glob("*.py")
-        if path.stem not in (*SCRIPTS, "common", "run") and "def main(" in path.read_text()
+        if path.stem not in (*SCRIPTS, *GPU_SCRIPTS, "common", "run") and "def main(" in path.read_text()
     )
-    return [*SCRIPTS[:-1], *extra, SCRIPTS[-1]]
+    return [*SCRIPTS, *extra, *GPU_SCRIPTS]
 
 
 def run_script(name: str, quick: bool, threads: int, workdir: Path) -> tuple[str, dict]:

@@ -37,6 +37,10 @@ REUSABLE = ("response",)
 CPU_BATCH_TOKENS = 1 << 15
 GPU_MEMORY_SHARE = 0.4
 FULL_PROMPT_COST = 4  # a new token costs about this many cached ones (activations besides its KV entry)
+FORWARD_NEEDED = (
+    "forced-choice scoring reads letter probabilities from forward passes (model.model(...)), which {name} on the "
+    "{backend} backend does not have; use scorer='judge' (generation + judge) or load the model with backend='hf'"
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ class ForcedChoiceScorer:
     """Scores conversations x cells on one model and setting; see the module docstring for the method."""
 
     def __init__(self, model: SteeringModel, setting: Setting | str = "animal_welfare", prefill: str = PREFILL):
+        if not getattr(model, "has_forward_pass", True):
+            raise ValueError(FORWARD_NEEDED.format(name=model.name, backend=model.backend))
         self.model = model
         self.setting = load_setting(setting) if isinstance(setting, str) else setting
         self.prefill = prefill

@@ -19,12 +19,14 @@ ChatFn = Callable[[list[list[dict]]], list[str | None]]
 
 
 def local_chat_fn(model: SteeringModel, max_new_tokens: int = 96, batch_size: int = 8) -> ChatFn:
-    """Adapt a loaded model to the judges' ``chat_fn`` (batch of conversations -> reply strings), greedy."""
+    """Adapt a loaded model to the judges' ``chat_fn`` (batch of conversations -> reply strings), greedy. An engine
+    with continuous batching (``backend="vllm"``) gets the whole batch in one call."""
 
     def chat(batch: list[list[dict]]) -> list[str | None]:
+        step = max(len(batch), 1) if getattr(model, "continuous_batching", False) else batch_size
         replies: list[str | None] = []
-        for lo in range(0, len(batch), batch_size):
-            replies += model.generate(batch[lo : lo + batch_size], max_new_tokens=max_new_tokens)
+        for lo in range(0, len(batch), step):
+            replies += model.generate(batch[lo : lo + step], max_new_tokens=max_new_tokens)
         return replies
 
     return chat

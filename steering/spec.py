@@ -34,8 +34,15 @@ JUDGES = ("keyword", "local", "endpoint")
 POSITIONS = MODES  # the steer positions a sweep can use
 """Steering positions a sweep accepts (the hooks' position modes)."""
 SPEC_FORMAT = 1
+DICT_KEYS = ("engine_kwargs",)  # keys whose value is a table, kept as a dict
 
-OPERATIONAL_DEFAULTS: dict[str, Any] = {"judge_timeout": 60.0, "judge_retries": 3, "judge_allow_insecure": False}
+OPERATIONAL_DEFAULTS: dict[str, Any] = {
+    "judge_timeout": 60.0,
+    "judge_retries": 3,
+    "judge_allow_insecure": False,
+    "tensor_parallel_size": 1,
+    "engine_kwargs": {},
+}
 """Fields that change how a run is carried out but not what it measures (so a run may resume with other values).
 `to_dict` leaves them out while they have these defaults, so the spec hash of a run written before they existed
 is unchanged; `identity` leaves them out always."""
@@ -94,6 +101,8 @@ class SweepSpec:
     dtype: Text = "float32"
     device: Text = "cpu"
     backend: Text = "hf"
+    tensor_parallel_size: Positive = 1  # backend = "vllm": GPUs per engine
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # backend = "vllm": more vllm.LLM arguments
     drivers: list[DriverSpec] = field(default_factory=list)
     control_seeds: list[NonNegative] = field(default_factory=list)
     control_like: Text | None = None
@@ -155,6 +164,11 @@ class SweepSpec:
         if self.judge_url is not None:
             ok = self.judge_url.startswith(("http://", "https://"))
             _require(ok, "judge_url", "a URL starting with http:// or https://", self.judge_url)
+        engine_only = self.tensor_parallel_size != 1 or bool(self.engine_kwargs)
+        _require(
+            self.backend == "vllm" or not engine_only, "backend", "'vllm' for tensor_parallel_size / engine_kwargs",
+            self.backend,
+        )  # fmt: skip
         names = [d.name for d in self.drivers]
         _require(len(set(names)) == len(names), "drivers", "unique driver names", names)
         if self.control_seeds and self.control_like is None:
@@ -216,6 +230,13 @@ class SweepSpec:
     def store_path(self) -> Path:
         return Path(self.store) if self.store else Path("runs") / f"{self.name}.sqlite"
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """The ``load_model`` arguments of this spec's model."""
+        kwargs: dict[str, Any] = dict(dtype=self.dtype, device=self.device, backend=self.backend)
+        if self.backend == "vllm":
+            kwargs.update(self.engine_kwargs, tensor_parallel_size=self.tensor_parallel_size)
+        return kwargs
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data (``from_dict`` reads it back). Operational fields at their defaults are left
         out (see ``OPERATIONAL_DEFAULTS``), so specs written before they existed keep their hash."""
@@ -248,7 +269,7 @@ class SweepSpec:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"cannot read spec {path}: {exc}") from None
-        flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+        flat = {k: v for k, v in raw.items() if not isinstance(v, dict) or k in DICT_KEYS}
         spelled: dict[str, str] = {}
         for table, prefix in (("grid", ""), ("questions", "q"), ("controls", "c")):
             if table in raw and not isinstance(raw[table], dict):
@@ -262,10 +283,12 @@ class SweepSpec:
                 flat[flat_key] = value
                 spelled[flat_key] = f"[{table}] {key}"
         unknown_tables = [
-            k for k, v in raw.items() if isinstance(v, dict) and k not in ("grid", "questions", "controls")
+            k for k, v in raw.items() if isinstance(v, dict) and k not in ("grid", "questions", "controls", *DICT_KEYS)
         ]
         if unknown_tables:
-            raise ValueError(f"{path}: unknown table [{unknown_tables[0]}]; use [grid], [questions], [controls]")
+            raise ValueError(
+                f"{path}: unknown table [{unknown_tables[0]}]; use [grid], [questions], [controls], [engine_kwargs]"
+            )
         if isinstance(flat.get("store"), str) and not Path(flat["store"]).is_absolute():
             flat["store"] = str(Path(flat["store"]))
         try:

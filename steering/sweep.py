@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from steering.coefficients import relative_scale
-from steering.compliance import BASELINE, Cell, Conversation, ForcedChoiceScorer
+from steering.compliance import BASELINE, FORWARD_NEEDED, Cell, Conversation, ForcedChoiceScorer
 from steering.gap import judge_for_spec
 from steering.hooks import resolve_layer
 from steering.models import SteeringModel, load_model
@@ -179,8 +180,11 @@ def run_sweep(
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_toml(spec)
     spec.validate()
+    backend = spec.backend if model is None else model.backend
+    if spec.scorer == "forced-choice" and (not model.has_forward_pass if model is not None else backend == "vllm"):
+        raise ValueError(FORWARD_NEEDED.format(name=spec.model, backend=backend))
     inputs = spec.input_hashes()
-    model = model or load_model(spec.model, dtype=spec.dtype, device=spec.device, backend=spec.backend)
+    model = model or load_model(spec.model, **spec.model_kwargs())
     own_store = store is None
     if own_store and spec.store is None:
         spec.store_path.parent.mkdir(parents=True, exist_ok=True)  # the default runs/ folder
@@ -236,43 +240,81 @@ def saved_generations(rows: pd.DataFrame) -> dict[tuple, tuple[str, float | None
     return out
 
 
+def request_seed(seed: int, question: str, condition: str, cell: Cell) -> int:
+    """A sampling seed per (seed, question, condition, cell): the same whatever else shares the engine call, so a
+    resumed or re-chunked sweep draws the same samples."""
+    key = f"{seed}/{question}/{condition}/{cell.driver}/{cell.layer}/{cell.coefficient!r}"
+    return zlib.crc32(key.encode())
+
+
 def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) -> None:
-    """Generate once per (question, condition) with one batch row per cell (steering ``generated`` tokens by
-    default), judge every output, and commit the question's rows; generations saved by an earlier run whose
-    judging failed are judged again, not regenerated."""
-    from steering.compliance import interventions_for
+    """Generate every cell x condition of each question (steering ``generated`` tokens by default), judge the
+    outputs and commit each question's rows. Generations stored by an earlier run are reused: only rows without a
+    verdict go to the judge again. On an engine with continuous batching (``backend="vllm"``) a chunk of whole
+    questions, up to ``batch_size`` requests, is one engine call with a seed per request; a killed sweep loses at
+    most the chunk in flight."""
     from steering.judge import Judgement
     from steering.scenario import load_setting
 
     spec, cells = run.spec, run.grid.scored
     setting = load_setting(spec.setting)
-    for question in todo:
-        rows = []
-        for condition in spec.conditions:
-            prompt = setting.messages(question.question, condition, variant, scratchpad=True)
-            keys = [(c.driver, c.layer, c.coefficient, variant, condition, question.id, seed) for c in cells]
-            known = [run.saved.get(key, (None, None)) for key in keys]
-            texts = [text for text, _ in known]
-            missing = [i for i, text in enumerate(texts) if text is None]
-            for lo in range(0, len(missing), spec.batch_size):
-                chunk = missing[lo : lo + spec.batch_size]
-                ivs = interventions_for([cells[i] for i in chunk], spec.positions)
-                generated = run.model.generate([prompt] * len(chunk), spec.max_new_tokens, ivs, seed=seed)
-                for i, text in zip(chunk, generated):
-                    texts[i] = text
-            verdicts = [Judgement(score, None) if score is not None else None for _, score in known]
-            unjudged = [i for i, verdict in enumerate(verdicts) if verdict is None]
-            for i, verdict in zip(
-                unjudged, run.scorer([texts[i] for i in unjudged], [question.question] * len(unjudged))
-            ):
-                verdicts[i] = verdict
-            for cell, verdict, text in zip(cells, verdicts, texts):
-                extra = {"response": text}
-                if not verdict.judged:
+    per_question = len(spec.conditions) * len(cells)
+    step = max(1, spec.batch_size // per_question) if run.model.continuous_batching else 1
+    for lo in range(0, len(todo), step):
+        chunk = todo[lo : lo + step]
+        items = [(q, condition, cell) for q in chunk for condition in spec.conditions for cell in cells]
+        known = [
+            run.saved.get((cell.driver, cell.layer, cell.coefficient, variant, condition, q.id, seed), (None, None))
+            for q, condition, cell in items
+        ]
+        texts = [text for text, _ in known]
+        missing = [i for i, text in enumerate(texts) if text is None]
+        for i, text in zip(missing, _generate(run, setting, variant, seed, [items[i] for i in missing])):
+            texts[i] = text
+        for k, question in enumerate(chunk):
+            part = range(k * per_question, (k + 1) * per_question)
+            verdicts = {i: Judgement(known[i][1], None) for i in part if known[i][1] is not None}
+            unjudged = [i for i in part if i not in verdicts]
+            verdicts.update(
+                zip(unjudged, run.scorer([texts[i] for i in unjudged], [question.question] * len(unjudged)))
+            )
+            rows = []
+            for i in part:
+                _, condition, cell = items[i]
+                extra = {"response": texts[i]}
+                if not verdicts[i].judged:
                     run.unjudged += 1
-                    extra["judge_error"] = str(verdict.details.get("error", "unreadable reply"))
-                rows.append(run.row(variant, seed, question.id, cell, condition, verdict.compliance, **extra))
-        run.commit(rows)
+                    extra["judge_error"] = str(verdicts[i].details.get("error", "unreadable reply"))
+                rows.append(run.row(variant, seed, question.id, cell, condition, verdicts[i].compliance, **extra))
+            run.commit(rows)
+
+
+def _generate(run: SweepRun, setting, variant: str, seed: int, items: list[tuple]) -> list[str]:
+    """Texts for (question, condition, cell) items: one engine call with a seed per request on a continuous-batching
+    backend; else one batched ``generate`` per prompt, a batch row per cell (``batch_size`` rows at most)."""
+    from steering.compliance import interventions_for
+
+    spec = run.spec
+    prompt = lambda q, condition: setting.messages(q.question, condition, variant, scratchpad=True)  # noqa: E731
+    if not items:
+        return []
+    if run.model.continuous_batching:
+        return run.model.generate(
+            [prompt(q, condition) for q, condition, _ in items],
+            spec.max_new_tokens,
+            interventions_for([cell for *_, cell in items], spec.positions),
+            seeds=[request_seed(seed, q.id, condition, cell) for q, condition, cell in items],
+        )
+    by_prompt: dict[tuple[str, str], tuple[Question, list[Cell]]] = {}
+    for q, condition, cell in items:  # items come grouped by prompt, so the texts keep their order
+        by_prompt.setdefault((q.id, condition), (q, []))[1].append(cell)
+    texts: list[str] = []
+    for (_, condition), (q, cells) in by_prompt.items():
+        for lo in range(0, len(cells), spec.batch_size):
+            chunk = cells[lo : lo + spec.batch_size]
+            ivs = interventions_for(chunk, spec.positions)
+            texts += run.model.generate([prompt(q, condition)] * len(chunk), spec.max_new_tokens, ivs, seed=seed)
+    return texts
 
 
 def _run_forced_choice(run: SweepRun, seed: int, variant: str, todo: list[Question]) -> None:

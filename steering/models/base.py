@@ -60,43 +60,45 @@ class Encoded:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
-class SteeringModel:
-    """A Hugging Face causal LM plus its tokenizer, decoder blocks and steering helpers.
+class TextModel:
+    """The half of a steering model that needs no forward pass: tokenizer, chat formatting, encoding, layer and
+    context checks, and interventions (norm-relative coefficients via ``residual_norms``, which subclasses give).
 
-    Backends other than plain transformers (TransformerLens, nnsight) wrap the same object; see ``backend``.
+    ``SteeringModel`` (a torch module in this process) and engine-backed models such as ``VLLMModel`` share it.
+    Subclasses set ``name``, ``tokenizer``, ``n_layers`` and ``d_model`` (``_init_text``) and implement
+    ``residual_norms``, ``capture``, ``steer`` and ``generate``.
     """
 
     backend = "hf"
+    has_forward_pass = True  # ``model.model(...)`` runs a forward pass (the forced-choice scorer needs it)
+    continuous_batching = False  # True: one call with many rows is cheaper than several small calls
 
-    def __init__(self, model: nn.Module, tokenizer, name: str | None = None, layers_path: str | None = None):
-        self.model = model
+    def _init_text(self, tokenizer, name: str, n_layers: int, d_model: int) -> None:
         self.tokenizer = tokenizer
-        self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
-        self.layers_path = find_layers_path(model, layers_path)
-        self.layers = find_layers(model, self.layers_path)
-        self.stack = find_stack(model, self.layers_path)  # receives the mask, position ids and KV cache
-        self.n_layers = len(self.layers)
-        self.d_model = model_d_model(model)
-        if self.d_model is None:
-            raise ValueError("could not read d_model (hidden_size) from the model config")
+        self.name = name
+        self.n_layers = int(n_layers)
+        self.d_model = int(d_model)
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._norms: Tensor | None = None
 
-    def __repr__(self) -> str:
-        return f"SteeringModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, backend={self.backend!r})"
-
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where encoded batches go."""
+        return torch.device("cpu")
 
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+    def context_limit(self) -> int | None:
+        """Longest sequence the model takes (tokens), if known."""
+        return None
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def residual_norms(self) -> Tensor:
+        """Mean L2 norm of the residual stream per layer [n_layers] on fixed neutral text (``NORM_TEXTS``)."""
+        raise NotImplementedError
 
     # ---- text ----------------------------------------------------------------------------------------------
     def format_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
@@ -141,6 +143,11 @@ class SteeringModel:
         A conversation gets the generation prompt (assistant header); its ``response_start`` is where that
         header begins, so ``positions="response"`` covers the header and everything the model writes after it.
         """
+        rows, starts = self._tokenize(prompts)
+        return self._pad(rows, starts, padding_side)
+
+    def _tokenize(self, prompts: Sequence[Prompt] | Prompt) -> tuple[list[list[int]], list[int | None]]:
+        """Unpadded token ids of each prompt and its ``response_start`` (None for a plain string)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
         if not prompts:
@@ -154,7 +161,7 @@ class SteeringModel:
                 ids, start = self.chat_ids(prompt)
                 rows.append(ids)
                 starts.append(start)
-        return self._pad(rows, starts, padding_side)
+        return rows, starts
 
     def _pad(self, rows: list[list[int]], starts: list[int | None], padding_side: str) -> Encoded:
         if padding_side not in ("left", "right"):
@@ -171,12 +178,6 @@ class SteeringModel:
         response = None if any(s is None for s in starts) else torch.tensor(starts)
         return Encoded(ids, mask, RowLayout(prompt_len=lengths, response_start=response)).to(self.device)
 
-    # ---- residual stream ----------------------------------------------------------------------------------
-    def capture(self, prompts: Sequence[Prompt] | Encoded, layers: Sequence[int] | str = "all", at="last"):
-        """Residual stream ``{layer: [B, d]}`` at ``layers`` and positions ``at`` (see ``steering.hooks.At``)."""
-        enc = self._encoded(prompts)
-        return capture(self.model, enc.input_ids, enc.attention_mask, self._layers(layers), at, self.layers_path)
-
     def _encoded(self, prompts: Sequence[Prompt] | Encoded) -> Encoded:
         """``prompts`` encoded (as given if already), checked against the context window."""
         enc = prompts if isinstance(prompts, Encoded) else self.encode(prompts)
@@ -185,13 +186,6 @@ class SteeringModel:
 
     def _layers(self, layers: Sequence[int] | str | int) -> list[int]:
         return resolve_layers(layers, self.n_layers)
-
-    def residual_norms(self) -> Tensor:
-        """Mean L2 norm of the residual stream per layer [n_layers] on fixed neutral text (first token skipped)."""
-        if self._norms is None:
-            enc = self.encode(list(NORM_TEXTS))
-            self._norms = mean_norms(self.model, enc.input_ids, enc.attention_mask, self.layers_path)
-        return self._norms
 
     def intervention(
         self,
@@ -210,6 +204,69 @@ class SteeringModel:
             coefficient = torch.as_tensor(coefficient, dtype=torch.float32) * scale
             coefficient = float(coefficient) if coefficient.dim() == 0 else coefficient
         return Intervention(layer, vector, coefficient, positions, operation)
+
+    def check_context(self, enc: Encoded, extra: int = 0) -> None:
+        """Raise a ValueError before any compute if a prompt of ``enc`` does not fit the context window."""
+        self.check_context_length(int(enc.layout.prompt_len.max()) + extra)
+
+    def check_context_length(self, n_tokens: int) -> None:
+        """Raise a ValueError if ``n_tokens`` exceeds the model's context window."""
+        limit = self.context_limit
+        if limit is not None and n_tokens > limit:
+            raise ValueError(
+                f"a prompt has {n_tokens} tokens but {self.name} takes at most {limit}; shorten the prompt or "
+                "the system prompt variant"
+            )
+
+
+class SteeringModel(TextModel):
+    """A Hugging Face causal LM plus its tokenizer, decoder blocks and steering helpers.
+
+    Backends other than plain transformers (TransformerLens, nnsight) wrap the same object; see ``backend``.
+    """
+
+    backend = "hf"
+
+    def __init__(self, model: nn.Module, tokenizer, name: str | None = None, layers_path: str | None = None):
+        self.model = model
+        self.layers_path = find_layers_path(model, layers_path)
+        self.layers = find_layers(model, self.layers_path)
+        self.stack = find_stack(model, self.layers_path)  # receives the mask, position ids and KV cache
+        d_model = model_d_model(model)
+        if d_model is None:
+            raise ValueError("could not read d_model (hidden_size) from the model config")
+        name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
+        self._init_text(tokenizer, name, len(self.layers), d_model)
+
+    def __repr__(self) -> str:
+        return f"SteeringModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, backend={self.backend!r})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def context_limit(self) -> int | None:
+        config = self.model.config
+        limit = getattr(config, "max_position_embeddings", None)
+        return limit or getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+
+    # ---- residual stream ----------------------------------------------------------------------------------
+    def capture(self, prompts: Sequence[Prompt] | Encoded, layers: Sequence[int] | str = "all", at="last"):
+        """Residual stream ``{layer: [B, d]}`` at ``layers`` and positions ``at`` (see ``steering.hooks.At``)."""
+        enc = self._encoded(prompts)
+        return capture(self.model, enc.input_ids, enc.attention_mask, self._layers(layers), at, self.layers_path)
+
+    def residual_norms(self) -> Tensor:
+        """Mean L2 norm of the residual stream per layer [n_layers] on fixed neutral text (first token skipped)."""
+        if self._norms is None:
+            enc = self.encode(list(NORM_TEXTS))
+            self._norms = mean_norms(self.model, enc.input_ids, enc.attention_mask, self.layers_path)
+        return self._norms
 
     @contextmanager
     def steer(self, interventions: Intervention | Sequence[Intervention], layout: RowLayout | None = None) -> Iterator:
@@ -249,18 +306,3 @@ class SteeringModel:
             out = self.model.generate(**enc.inputs, **kwargs)
         new = out[:, enc.input_ids.shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
-
-    def check_context(self, enc: Encoded, extra: int = 0) -> None:
-        """Raise a ValueError before any compute if a prompt of ``enc`` does not fit the context window."""
-        self.check_context_length(int(enc.layout.prompt_len.max()) + extra)
-
-    def check_context_length(self, n_tokens: int) -> None:
-        """Raise a ValueError if ``n_tokens`` exceeds the model's context window."""
-        config = self.model.config
-        limit = getattr(config, "max_position_embeddings", None)
-        limit = limit or getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
-        if limit is not None and n_tokens > limit:
-            raise ValueError(
-                f"a prompt has {n_tokens} tokens but {self.name} takes at most {limit}; shorten the prompt or "
-                "the system prompt variant"
-            )

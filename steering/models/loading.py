@@ -6,8 +6,10 @@ from pathlib import Path
 
 import torch
 
-from steering.models.base import SteeringModel
+from steering.models.base import SteeringModel, TextModel
 from steering.models.wrap import BACKENDS, wrap_backend
+
+ENGINES = ("vllm",)  # backends that run their own engine (no transformers module in this process)
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -26,18 +28,29 @@ def load_model(
     backend: str = "hf",
     trust_remote_code: bool = False,
     layers_path: str | None = None,
-) -> SteeringModel:
+    tensor_parallel_size: int = 1,
+    **engine_kwargs,
+) -> TextModel:
     """Load a causal LM: a hub id, a local folder, a ``.gguf`` file, or ``"default"`` (the offline default model).
 
     ``device="auto"`` spreads a large model over the available GPUs (``device_map="auto"``). Remote code runs
     only with ``trust_remote_code=True``.
+
+    ``backend="vllm"`` returns a ``VLLMModel`` on a vLLM engine (``device`` and ``layers_path`` do not apply; vLLM
+    places the model): ``tensor_parallel_size`` GPUs, and ``engine_kwargs`` go to ``vllm.LLM`` (e.g.
+    ``max_model_len``, ``gpu_memory_utilization``, ``enable_prefix_caching``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from steering.default_model import DEFAULT_NAME, fetch_default_model
 
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend not in (*BACKENDS, *ENGINES):
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join((*BACKENDS, *ENGINES))}")
+    if backend not in ENGINES and (engine_kwargs or tensor_parallel_size != 1):
+        raise ValueError(
+            f"tensor_parallel_size and engine arguments ({', '.join(engine_kwargs) or 'tensor_parallel_size'}) are "
+            "for backend='vllm'; for several GPUs with transformers use device='auto'"
+        )
     name = str(model_id)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if name == "default":
@@ -57,6 +70,14 @@ def load_model(
     else:
         source = name
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if backend == "vllm":
+        if "gguf_file" in kwargs:
+            raise ValueError("the vLLM backend loads a model folder or hub id, not a .gguf file; use backend='hf'")
+        from steering.models.vllm import load_vllm
+
+        return load_vllm(
+            str(source), name, tokenizer, dtype, tensor_parallel_size, trust_remote_code, **engine_kwargs
+        )  # fmt: skip
     model_kwargs = dict(kwargs, dtype=_resolve_dtype(dtype))
     if device == "auto":
         model_kwargs["device_map"] = "auto"

@@ -11,7 +11,7 @@ from torch import nn
 from steering.hooks.backends import NAMES
 from steering.hooks.backends import nnsight as nns
 from steering.hooks.backends import transformer_lens as tl
-from steering.models.base import SteeringModel
+from steering.models.base import SteeringModel, TextModel
 from steering.models.nnsight import NNsightModel, TracedModel
 from steering.models.transformer_lens import TransformerLensModel
 
@@ -53,6 +53,13 @@ def wrap(
     """A ``SteeringModel`` for ``obj``: a ``TransformerBridge``, an nnsight model, a ``SteeringModel`` or a Hugging
     Face causal LM (which needs ``tokenizer``). ``backend`` converts it; by default it keeps the object's own.
     ``remote=True`` (nnsight models only) runs every trace on NDIF instead of loading the weights here."""
+    if isinstance(obj, TextModel) and not isinstance(obj, SteeringModel):  # an engine (vLLM): nothing to convert
+        if backend not in (None, obj.backend):
+            raise ValueError(
+                f"a {obj.backend} model runs in its own engine and cannot be converted to {backend!r}; load the model "
+                f"again with load_model(..., backend={backend!r})"
+            )
+        return obj
     if isinstance(obj, SteeringModel):
         wrapped = obj
     elif tl.is_bridge(obj):

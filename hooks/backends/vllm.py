@@ -1,0 +1,693 @@
+"""vLLM backend, the engine side: per-request steering and capture inside vLLM's workers, driven by ``Plan``.
+
+What runs where:
+
+* **Wire format** (driver and engine): each request carries its steering in ``SamplingParams.extra_args[EXTRA_KEY]``
+  (``request_extra``): its prompt facts (``prompt_len``, ``response_start``) and a list of
+  ``[layer, vector id, coefficient, operation, positions]``, where positions is a mode (``all``, ``prompt``,
+  ``response``, ``generated``) or that row's explicit ``[[start, end|None], ...]``. Vectors travel once per engine
+  (``steer_put_vectors``, by content id) as ``pack``-ed bytes: vLLM's msgpack RPC does not carry tensors.
+* **Prefix caching** (the scheduler's process): ``install_block_keys`` appends a per-block steering digest to vLLM's
+  block hashes (``steering_block_key``): a block's KV depends on the tokens and on the steering at positions
+  ``[0, block end)``, so blocks are shared exactly when both agree, and blocks before a request's first steered
+  position keep their plain hash (the system prompt stays shared with every cell). It must run in the process that
+  owns the scheduler: the driver for the in-process engine, else the ``vllm.general_plugins`` entry point
+  ``register_plugin`` (pyproject.toml) in the EngineCore process.
+* **Workers** (``SteeringWorkerExtension``, mixed into every worker by ``LLM(worker_extension_cls=WORKER_EXTENSION)``
+  and called by method name through ``collective_rpc``): it wraps the model runner's ``execute_model`` to learn new
+  and finished requests from the ``SchedulerOutput``, and puts a forward hook on every decoder layer. Once per step
+  it maps each token of the flattened ``[num_tokens, d]`` batch to its request and absolute position from the
+  runner's CPU-side metadata (no device sync), and drives one ``Plan`` per ordered request composition (cached):
+  one ``Intervention`` per (layer, slot, vector, operation, mode) with per-row coefficients (0 for rows that do not
+  use it) or per-row ranges, ``plan.begin(positions [N], layout, rows=rows [N])`` once per step, then
+  ``plan.edit(layer, stream)`` at each touched layer. vLLM's layers return ``(hidden, residual)`` and leave the add
+  to the next layer's fused add-norm; a touched layer returns ``(0, hidden + residual)`` instead, so the next layer
+  computes ``0 + stream``, bit for bit what transformers computes.
+
+Needs ``enforce_eager=True`` (hooks hold per-step Python state: CUDA graphs / torch.compile would freeze or skip
+them) and the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``; the V2 path below is untested). Under tensor
+parallelism each decoder layer's output is replicated on every rank (row-parallel layers all-reduce), every rank
+gets the same ``SchedulerOutput``, builds the same plan and applies the same edit; only rank 0 keeps captures.
+vLLM is imported lazily; of ours, this module imports only ``steering.hooks``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..intervention import Intervention
+from ..plan import Plan
+from ..positions import MODES, OPEN, Positions, RowLayout
+
+EXTRA_KEY = "steering"
+WORKER_EXTENSION = f"{__name__}.SteeringWorkerExtension"
+PLUGIN_NAME = "steering"  # the vllm.general_plugins entry point (pyproject.toml)
+PLAN_CACHE = 64  # request compositions whose Plan is kept (LRU)
+Range = tuple[int, int | None]  # half-open [start, end); end None = open
+
+
+# ==================================================================================================================
+# Wire format (driver and engine)
+# ==================================================================================================================
+def pack(t: Tensor) -> list:
+    """Tensor -> ``[dtype name, shape, raw bytes]``: survives vLLM's msgpack RPC (multiprocess engine, TP workers),
+    which does not carry ``torch.Tensor`` without ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``. bf16 included."""
+    t = t.detach().contiguous().cpu()
+    return [str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes()]
+
+
+def unpack(packed: list | Tensor) -> Tensor:
+    """Inverse of ``pack`` (a Tensor passes through: the in-process engine does not serialize)."""
+    if isinstance(packed, Tensor):
+        return packed
+    dtype, shape, raw = packed
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return flat.view(getattr(torch, dtype)).reshape(shape)
+
+
+def vector_id(vector: Tensor) -> str:
+    """Content id of a vector [d] (its float32 bytes): identical vectors share one slot on the workers."""
+    data = vector.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:24]
+
+
+def resolve_positions(positions: str | Sequence, prompt_len: int, response_start: int | None) -> list[Range]:
+    """Absolute half-open ranges of one request for a mode or explicit ranges, as ``Positions.bounds`` defines
+    them: ``all`` [0, inf), ``prompt`` [0, prompt_len), ``response`` [response_start, inf), ``generated``
+    [prompt_len, inf) (the first sampled token is fed at position ``prompt_len``)."""
+    if isinstance(positions, str):
+        if positions == "all":
+            return [(0, None)]
+        if positions == "prompt":
+            return [(0, int(prompt_len))]
+        if positions == "generated":
+            return [(int(prompt_len), None)]
+        if positions == "response":
+            if response_start is None:
+                raise ValueError("positions='response' needs the request's response_start (a chat prompt)")
+            return [(int(response_start), None)]
+        raise ValueError(f"unknown position mode {positions!r}; use one of {', '.join(MODES)}")
+    return [(int(s), None if e is None else int(e)) for s, e in positions]
+
+
+def request_extra(
+    key: str,
+    prompt_len: int,
+    response_start: int | None,
+    steer: Sequence[tuple[int, str, float, str, str | Sequence]] = (),
+    capture_layers: Sequence[int] = (),
+    capture_positions: Sequence[int] = (),
+    capture_norms: bool = False,
+    record: bool = False,
+) -> dict:
+    """The msgpack-safe spec one request carries in ``SamplingParams.extra_args[EXTRA_KEY]``.
+
+    ``steer``: ordered ``(layer, vector id, coefficient, operation, positions)``; order matters within a layer.
+    ``capture_layers`` / ``capture_positions``: read the residual stream (after that layer's steering) at these
+    absolute positions; ``capture_norms`` keeps only each row's L2 norm. ``record``: log computed and steered
+    positions and check them against the model's own positions tensor (a test oracle; costs device syncs).
+    """
+    return {
+        "key": key,
+        "pl": int(prompt_len),
+        "rs": None if response_start is None else int(response_start),
+        "steer": [
+            [int(layer), vid, float(coef), op, pos if isinstance(pos, str) else [[s, e] for s, e in pos]]
+            for layer, vid, coef, op, pos in steer
+        ],
+        "cap_layers": [int(layer) for layer in capture_layers],
+        "cap_pos": [int(p) for p in capture_positions],
+        "cap_norm": bool(capture_norms),
+        "record": bool(record),
+    }
+
+
+def _clipped(extra: dict, end: int | None) -> list:
+    """The request's steering as absolute ranges clipped to ``[0, end)`` (all of it for ``end=None``)."""
+    items = []
+    for layer, vid, coef, op, pos in extra.get("steer", []):
+        ranges = resolve_positions(pos, extra["pl"], extra.get("rs"))
+        if end is not None:
+            ranges = [(s, end if e is None else min(e, end)) for s, e in ranges if s < end]
+        if ranges:
+            items.append([layer, vid, repr(float(coef)), op, sorted([s, -1 if e is None else e] for s, e in ranges)])
+    return items
+
+
+def steering_block_key(extra: dict | None, end: int) -> str | None:
+    """Digest of a request's steering restricted to positions ``[0, end)`` (``None``: nothing steered there).
+
+    The KV of a block covering ``[start, end)`` depends on the tokens ``[0, end)`` (vLLM's hash chain covers them)
+    and on the steering at positions ``[0, end)``, nothing later, so adding this digest to the block's hash makes
+    sharing exact and maximal. Intervention order is kept (ablate and add do not commute).
+    """
+    items = _clipped(extra or {}, end)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32] if items else None
+
+
+def cache_salt(extra: dict) -> str | None:
+    """A prefix-cache salt for engines without the block-key patch: the digest of the request's whole steering
+    (exact always; a steered request then shares no block, not even an unsteered prompt, with other cells)."""
+    items = _clipped(extra, None)
+    return "steer:" + hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32] if items else None
+
+
+def install_block_keys() -> bool:
+    """Patch vLLM's per-block hash extra keys (``vllm.v1.core.kv_cache_utils.generate_block_hash_extra_keys``, also
+    imported by ``block_pool``) to append ``("steering", steering_block_key(...))``. Idempotent; returns True if it
+    patched now. Must run in the scheduler's process before requests arrive (see the module docstring)."""
+    from vllm.v1.core import block_pool, kv_cache_utils
+
+    original = kv_cache_utils.generate_block_hash_extra_keys
+    if getattr(original, "_steering", False):
+        return False
+
+    def generate_block_hash_extra_keys(request: Any, start: int, end: int, *args: Any, **kwargs: Any):
+        keys, rest = original(request, start, end, *args, **kwargs)
+        params = getattr(request, "sampling_params", None)
+        extra = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
+        key = steering_block_key(extra, end) if extra else None
+        if key is not None:
+            keys = (*(keys or ()), ("steering", key))
+        return keys, rest
+
+    generate_block_hash_extra_keys._steering = True  # type: ignore[attr-defined]
+    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    block_pool.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    return True
+
+
+def block_keys_installed() -> bool:
+    """True if this process's vLLM hashes blocks with steering keys."""
+    from vllm.v1.core import kv_cache_utils
+
+    return bool(getattr(kv_cache_utils.generate_block_hash_extra_keys, "_steering", False))
+
+
+def plugin_declared() -> bool:
+    """True if an installed distribution declares our ``vllm.general_plugins`` entry point and ``VLLM_PLUGINS``
+    (vLLM's allow-list, when set) does not leave it out: then every EngineCore process installs the block keys."""
+    import os
+    from importlib.metadata import entry_points
+
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in allowed.split(","):
+        return False
+    return any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.general_plugins"))
+
+
+def register_plugin() -> None:
+    """The ``vllm.general_plugins`` entry point: vLLM calls it in each of its processes."""
+    install_block_keys()
+
+
+# ==================================================================================================================
+# Engine side: the worker extension
+# ==================================================================================================================
+@dataclass
+class _Req:
+    """Worker-side view of one request's spec (parsed once, when the request first appears)."""
+
+    key: str
+    prompt_len: int
+    response_start: int | None
+    steer: list[tuple[int, str, float, str, str | tuple]]
+    ranges: list[list[Range]]  # per steer item: absolute ranges (for touched-layer tests and the oracle)
+    cap_layers: frozenset[int]
+    cap_pos: np.ndarray
+    cap_norm: bool
+    record: bool
+
+    @classmethod
+    def parse(cls, extra: dict) -> _Req:
+        pl, rs = int(extra["pl"]), extra.get("rs")
+        steer = []
+        for layer, vid, coef, op, pos in extra.get("steer", []):
+            pos = pos if isinstance(pos, str) else tuple((int(s), None if e is None else int(e)) for s, e in pos)
+            steer.append((int(layer), str(vid), float(coef), str(op), pos))
+        return cls(
+            key=str(extra["key"]),
+            prompt_len=pl,
+            response_start=None if rs is None else int(rs),
+            steer=steer,
+            ranges=[resolve_positions(item[4], pl, rs) for item in steer],
+            cap_layers=frozenset(int(x) for x in extra.get("cap_layers", [])),
+            cap_pos=np.asarray(sorted(extra.get("cap_pos", [])), dtype=np.int64),
+            cap_norm=bool(extra.get("cap_norm", False)),
+            record=bool(extra.get("record", False)),
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.steer or self.cap_layers or self.record)
+
+
+@dataclass
+class _Composition:
+    """An ordered set of requests (one step's batch order) and the Plan of their steering.
+
+    ``ranges``: per planned layer, every steered range of every request as arrays ``(request index, start, end)``
+    (end ``OPEN`` when open), so a step finds its touched layers with a few vectorized tests. ``capturing`` /
+    ``recording``: indices of the requests that capture / record.
+    """
+
+    reqs: list[_Req | None]
+    plan: Plan | None
+    layout: RowLayout
+    ranges: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    capturing: list[int] = field(default_factory=list)
+    recording: list[int] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, reqs: list[_Req | None], vectors: dict[str, Tensor], n_layers: int) -> _Composition:
+        layout = _composition_layout(reqs)
+        comp = cls(reqs, _build_plan(reqs, layout, vectors, n_layers), layout)
+        per_layer: dict[int, list[tuple[int, int, int]]] = {}
+        for i, req in enumerate(reqs):
+            if req is None:
+                continue
+            for (layer, *_), ranges in zip(req.steer, req.ranges):
+                per_layer.setdefault(layer, []).extend((i, s, OPEN if e is None else e) for s, e in ranges)
+            if req.cap_layers and req.cap_pos.size:
+                comp.capturing.append(i)
+            if req.record:
+                comp.recording.append(i)
+        comp.ranges = {
+            layer: tuple(np.array(col, dtype=np.int64) for col in zip(*items)) for layer, items in per_layer.items()
+        }
+        return comp
+
+
+@dataclass
+class _Step:
+    """One forward step: the flattened token layout and what each layer has to do."""
+
+    comp: _Composition
+    n_tokens: int
+    positions: np.ndarray  # [N] absolute position of each token
+    rows: np.ndarray  # [N] index of each token's request in comp.reqs
+    starts: np.ndarray  # [n + 1] first token of each request
+    edit_layers: set[int] = field(default_factory=set)  # planned layers with a touched token this step
+    captures: dict[int, tuple[Tensor, list[tuple[str, int, bool]]]] = field(default_factory=dict)
+    record_rows: list[tuple[str, int, int]] = field(default_factory=list)  # (key, first row, last row + 1)
+    positions_t: Tensor | None = None
+
+
+def _runner_layout(runner: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """This step's request order, ``query_start_loc`` [n + 1] and ``num_computed_tokens`` [n] from the model
+    runner's CPU-side state (no device sync).
+
+    V1 (``gpu_model_runner.py``, also the CPU runner): ``input_batch.req_ids`` is the flattened token order,
+    ``query_start_loc.np`` the cumulative token counts, ``input_batch.num_computed_tokens_cpu`` the tokens already
+    in the KV cache (the first scheduled token's position). V2 (untested): the per-step ``InputBatch`` stashed by
+    our ``prepare_inputs`` wrapper.
+    """
+    stashed = getattr(runner, "_steer_input_batch", None)
+    if stashed is not None:
+        n = stashed.num_reqs
+        return (
+            list(stashed.req_ids[:n]),
+            np.asarray(stashed.query_start_loc_np[: n + 1], dtype=np.int64),
+            np.asarray(stashed.num_computed_tokens_np[:n], dtype=np.int64),
+        )
+    batch = runner.input_batch
+    n = batch.num_reqs
+    return (
+        list(batch.req_ids[:n]),
+        runner.query_start_loc.np[: n + 1].astype(np.int64),
+        batch.num_computed_tokens_cpu[:n].astype(np.int64),
+    )
+
+
+def _build_plan(reqs: list[_Req | None], layout: RowLayout, vectors: dict[str, Tensor], n_layers: int) -> Plan | None:
+    """One ``Plan`` for an ordered composition: an ``Intervention`` per (layer, slot, vector, operation, mode).
+
+    ``slot`` = the item's rank among its request's items on that layer, so each request's own order is kept (items
+    of one slot touch disjoint rows, so their relative order does not matter). ``add`` with a position mode uses
+    the mode itself (vectorized masks from the composition's ``RowLayout``) and a per-row coefficient that is 0 for
+    the other rows; other items (explicit ranges, ablation, which ignores coefficients) get per-row ranges, empty
+    for the other rows.
+    """
+    n = len(reqs)
+    groups: dict[tuple, dict[int, tuple[float, Any]]] = {}
+    for i, req in enumerate(reqs):
+        if req is None:
+            continue
+        slots: dict[int, int] = {}
+        for layer, vid, coef, op, pos in req.steer:
+            slot = slots[layer] = slots.get(layer, -1) + 1
+            mode = pos if isinstance(pos, str) and op == "add" else None
+            groups.setdefault((layer, slot, vid, op, mode), {})[i] = (coef, pos)
+    if not groups:
+        return None
+    interventions = []
+    for layer, _, vid, op, mode in sorted(groups, key=lambda k: (k[0], k[1])):
+        members = groups[(layer, _, vid, op, mode)]
+        coef = torch.zeros(n, dtype=torch.float32)
+        for i, (c, _pos) in members.items():
+            coef[i] = c
+        if mode is not None:
+            positions = Positions(mode=mode)
+        else:
+            per_row = tuple(
+                tuple(resolve_positions(members[i][1], reqs[i].prompt_len, reqs[i].response_start))
+                if i in members
+                else ()
+                for i in range(n)
+            )
+            positions = Positions(ranges=per_row, per_row=True)
+        coefficient = 1.0 if op == "ablate" else coef
+        interventions.append(Intervention(layer, vectors[vid], coefficient, positions, op))
+    return Plan(interventions, n_layers, None, layout)
+
+
+def _composition_layout(reqs: list[_Req | None]) -> RowLayout:
+    """Each request's ``prompt_len`` / ``response_start`` (``response`` is refused at the driver for a request
+    without one; rows without a request get 0)."""
+    prompt_len = torch.tensor([r.prompt_len if r else 0 for r in reqs], dtype=torch.long)
+    response = [r.response_start if r and r.response_start is not None else (r.prompt_len if r else 0) for r in reqs]
+    return RowLayout(prompt_len=prompt_len, response_start=torch.tensor(response, dtype=torch.long))
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder stack of a vLLM model: the ModuleList whose length is the config's ``num_hidden_layers``."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    n = getattr(text, "num_hidden_layers", None)
+    for path in (
+        "model.layers",
+        "language_model.model.layers",
+        "model.language_model.layers",
+        "model.model.layers",
+        "transformer.h",
+        "model.decoder.layers",
+        "gpt_neox.layers",
+    ):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList) and (n is None or len(obj) == n):
+            return obj
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and n is not None and len(module) == n:
+            return module
+    raise AttributeError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+class SteeringWorkerExtension:
+    """Mixed into each vLLM worker (``LLM(..., worker_extension_cls=WORKER_EXTENSION)``); ``self`` is the worker.
+
+    RPC methods (``llm.collective_rpc(name, args=...)``; names are prefixed because vLLM refuses an extension
+    attribute that clashes with the worker's): ``steer_install``, ``steer_put_vectors``, ``steer_drop_vectors``,
+    ``steer_pop``, ``steer_forget``, ``steer_stats``.
+    """
+
+    # ---- RPC ------------------------------------------------------------------------------------------------
+    def steer_install(self) -> dict:
+        """Wrap the runner's ``execute_model`` and hook every decoder layer this rank owns. Idempotent; returns
+        ``{"layers": hooked layers, "n_layers": decoder blocks, "d_model": width}``."""
+        runner = self.model_runner
+        if getattr(self, "_steer", None) is None:
+            try:
+                from vllm.distributed import get_tensor_model_parallel_rank
+
+                reader = get_tensor_model_parallel_rank() == 0
+            except Exception:  # noqa: BLE001 - no distributed state (single process): this rank reads
+                reader = True
+            layers = decoder_layers(runner.get_model())
+            self._steer = {
+                "reqs": {},  # vLLM request id -> _Req
+                "vectors": {},  # vector id -> float32 CPU [d] (each Plan moves it to the device once)
+                "plans": OrderedDict(),  # composition (request ids) -> _Composition
+                "active": False,
+                "step": None,  # this step's _Step, built by the first hook that needs it
+                "captures": {},  # key -> {layer: {position: tensor [d] or norm}}
+                "records": {},  # key -> {"computed": [...], layer: [...]}
+                "reader": reader,
+                "n_layers": len(layers),
+                "d_model": None,
+                "stats": {"steps": 0, "steered_steps": 0, "plans_built": 0, "pos_checks": 0, "pos_mismatches": 0,
+                          "plan_s": 0.0, "hook_s": 0.0},
+            }  # fmt: skip
+            self._steer_wrap_runner(runner)
+            hooked = 0
+            for index, layer in enumerate(layers):
+                if type(layer).__name__ == "PPMissingLayer":  # pipeline parallel: another rank owns this layer
+                    continue
+                layer.register_forward_hook(self._steer_make_hook(index))
+                hooked += 1
+            self._steer["hooked"] = hooked
+        config = runner.model_config.hf_text_config
+        return {"layers": self._steer["hooked"], "n_layers": self._steer["n_layers"], "d_model": config.hidden_size}
+
+    def steer_put_vectors(self, table: dict[str, list]) -> int:
+        """Store ``pack``-ed float32 vectors [d] by id (checked: 1-D, finite)."""
+        for vid, packed in table.items():
+            vec = unpack(packed).to(torch.float32).reshape(-1).clone()
+            if not torch.isfinite(vec).all():
+                raise ValueError(f"vector {vid} contains NaN or inf")
+            self._steer["vectors"][vid] = vec
+        return len(self._steer["vectors"])
+
+    def steer_drop_vectors(self, ids: list[str] | None = None) -> int:
+        vectors = self._steer["vectors"]
+        for vid in list(vectors) if ids is None else ids:
+            vectors.pop(vid, None)
+        self._steer["plans"].clear()
+        return len(vectors)
+
+    def steer_pop(self, keys: list[str]) -> dict:
+        """``{"captures": {key: {layer: {position: packed [d] | norm}}}, "records": {key: {...}}}`` for ``keys``,
+        removed from this rank (non-reader ranks have no captures)."""
+        caps, recs = self._steer["captures"], self._steer["records"]
+        out_caps = {}
+        for key in keys:
+            by_layer = caps.pop(key, None)
+            if by_layer is not None:
+                out_caps[key] = {
+                    layer: {p: (v if isinstance(v, float) else pack(v)) for p, v in by_pos.items()}
+                    for layer, by_pos in by_layer.items()
+                }
+        out_recs = {}
+        for key in keys:
+            rec = recs.pop(key, None)
+            if rec is not None:
+                out_recs[key] = {str(k): sorted(int(p) for p in v) for k, v in rec.items()}
+        return {"captures": out_caps, "records": out_recs}
+
+    def steer_forget(self, keys: list[str] | None = None) -> int:
+        """Drop captures and records of ``keys`` (all with ``None``), e.g. after an aborted call."""
+        for name in ("captures", "records"):
+            store = self._steer[name]
+            for key in list(store) if keys is None else keys:
+                store.pop(key, None)
+        return len(self._steer["reqs"])
+
+    def steer_stats(self) -> dict:
+        st = self._steer
+        stats = dict(st["stats"], plan_s=round(st["stats"]["plan_s"], 4), hook_s=round(st["stats"]["hook_s"], 4))
+        return {"live_requests": len(st["reqs"]), "vectors": len(st["vectors"]), "plans": len(st["plans"]), **stats}
+
+    # ---- runner wrapping ------------------------------------------------------------------------------------
+    def _steer_wrap_runner(self, runner: Any) -> None:
+        original = runner.execute_model
+
+        def execute_model(scheduler_output, *args, **kwargs):
+            if kwargs.get("dummy_run"):  # V2 profile / DP dummy batches: nothing to steer
+                return original(scheduler_output, *args, **kwargs)
+            self._steer_track(scheduler_output)
+            st = self._steer
+            st["active"], st["step"] = True, None
+            try:
+                return original(scheduler_output, *args, **kwargs)
+            finally:
+                st["active"], st["step"] = False, None
+
+        runner.execute_model = execute_model
+        if hasattr(runner, "prepare_inputs") and not hasattr(runner, "input_batch"):  # Model Runner V2 (untested)
+            prepare = runner.prepare_inputs
+
+            def prepare_inputs(*args, **kwargs):
+                batch = prepare(*args, **kwargs)
+                runner._steer_input_batch = batch
+                return batch
+
+            runner.prepare_inputs = prepare_inputs
+
+    def _steer_track(self, scheduler_output: Any) -> None:
+        """Register new requests' specs and forget finished ones (``SchedulerOutput`` is the same for V1 and V2)."""
+        reqs = self._steer["reqs"]
+        for rid in scheduler_output.finished_req_ids:
+            reqs.pop(rid, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            params = new.sampling_params
+            extra = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
+            if extra:
+                req = _Req.parse(extra)
+                missing = {vid for _, vid, *_ in req.steer} - set(self._steer["vectors"])
+                if missing:
+                    raise RuntimeError(f"request {req.key} uses vectors not sent to this worker: {sorted(missing)}")
+                reqs[new.req_id] = req
+            else:
+                reqs.pop(new.req_id, None)
+
+    # ---- per step -------------------------------------------------------------------------------------------
+    def _steer_composition(self, req_ids: list[str]) -> _Composition:
+        st = self._steer
+        key = tuple(req_ids)
+        comp = st["plans"].get(key)
+        if comp is not None:
+            st["plans"].move_to_end(key)
+            return comp
+        reqs = [st["reqs"].get(rid) for rid in req_ids]
+        reqs = [r if r is not None and r.active else None for r in reqs]
+        comp = _Composition.build(reqs, st["vectors"], st["n_layers"])
+        st["stats"]["plans_built"] += 1
+        st["plans"][key] = comp
+        while len(st["plans"]) > PLAN_CACHE:
+            st["plans"].popitem(last=False)
+        return comp
+
+    def _steer_step(self) -> _Step | None:
+        """This step's layout and work, built once (by the first hook of the step), from CPU-side state only."""
+        st = self._steer
+        if st["step"] is not None:
+            return st["step"] or None
+        st["stats"]["steps"] += 1
+        if not any(r.active for r in st["reqs"].values()):
+            st["step"] = False
+            return None
+        t0 = time.thread_time()
+        req_ids, qsl, computed = _runner_layout(self.model_runner)
+        counts = np.diff(qsl)
+        keep = counts > 0  # every scheduled request has tokens; guard anyway (rows index the kept ones)
+        if not keep.all():
+            req_ids = [r for r, k in zip(req_ids, keep) if k]
+            computed, counts = computed[keep], counts[keep]
+        n = len(req_ids)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        rows = np.repeat(np.arange(n, dtype=np.int64), counts)
+        positions = computed[rows] + (np.arange(int(starts[-1]), dtype=np.int64) - starts[rows])
+        comp = self._steer_composition(req_ids)
+        step = _Step(comp, int(starts[-1]), positions, rows, starts)
+        plan = comp.plan
+        first, last = positions[starts[:-1]], positions[starts[1:] - 1] + 1  # each request's positions this step
+        for layer, (idx, lo, hi) in comp.ranges.items():
+            if bool(np.any((lo < last[idx]) & (hi > first[idx]))):
+                step.edit_layers.add(layer)
+        cap_rows: dict[int, tuple[list[int], list[tuple[str, int, bool]]]] = {}
+        for i in comp.capturing:
+            req, lo, hi = comp.reqs[i], int(starts[i]), int(starts[i + 1])
+            hit = np.nonzero(np.isin(positions[lo:hi], req.cap_pos))[0]
+            for layer in req.cap_layers:
+                rows_l, keys_l = cap_rows.setdefault(layer, ([], []))
+                rows_l.extend((hit + lo).tolist())
+                keys_l.extend((req.key, int(positions[lo + h]), req.cap_norm) for h in hit)
+        for i in comp.recording:
+            req, lo, hi = comp.reqs[i], int(starts[i]), int(starts[i + 1])
+            step.record_rows.append((req.key, lo, hi))
+            st["records"].setdefault(req.key, {}).setdefault("computed", []).extend(positions[lo:hi].tolist())
+        step.captures = {
+            layer: (torch.tensor(r, dtype=torch.long), k) for layer, (r, k) in cap_rows.items() if r and st["reader"]
+        }
+        if step.edit_layers:
+            step.positions_t = torch.from_numpy(positions)
+            plan.begin(step.positions_t, comp.layout, rows=torch.from_numpy(rows))
+            st["stats"]["steered_steps"] += 1
+        st["step"] = step
+        st["stats"]["plan_s"] += time.thread_time() - t0
+        return step
+
+    def _steer_make_hook(self, index: int):
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            st = self._steer
+            if not st["active"]:
+                return None  # profile / warm-up / dummy forward: not a scheduled step
+            step = self._steer_step()
+            if step is None or (index not in step.edit_layers and index not in step.captures):
+                return None
+            t0 = time.thread_time()
+            try:
+                return self._steer_layer(index, step, args, output)
+            finally:
+                st["stats"]["hook_s"] += time.thread_time() - t0
+
+        return hook
+
+    def _steer_layer(self, index: int, step: _Step, args: tuple, output: Any) -> Any:
+        st = self._steer
+        pair = isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], Tensor)
+        hidden = output[0] if isinstance(output, tuple) else output
+        residual = output[1] if pair else None
+        n = step.n_tokens
+        edit = index in step.edit_layers
+        if not edit:  # capture only: add just the selected rows
+            rows, keys = step.captures[index]
+            flat_h = _flat(hidden, n)
+            picked = flat_h.index_select(0, rows.to(flat_h.device))
+            if residual is not None:
+                picked = picked + _flat(residual, n).index_select(0, rows.to(flat_h.device))
+            self._steer_store(index, picked, keys)
+            return None
+        stream = hidden + residual if residual is not None else hidden  # the residual stream (edited in place)
+        view = _flat(stream, n)
+        record = bool(step.record_rows)
+        if record:
+            self._steer_check_positions(step, args)
+            before = view.clone()
+        edited = step.comp.plan.edit(index, view)
+        if edited is not view:
+            view.copy_(edited)
+        if record:
+            changed = (view != before).any(-1).cpu().numpy()
+            for key, lo, hi in step.record_rows:
+                hit = np.nonzero(changed[lo:hi])[0]
+                if hit.size:
+                    rec = st["records"].setdefault(key, {})
+                    rec.setdefault(index, []).extend(step.positions[lo + hit].tolist())
+        if index in step.captures:
+            rows, keys = step.captures[index]
+            self._steer_store(index, view.index_select(0, rows.to(view.device)), keys)
+        if residual is None:
+            return None  # edited in place
+        return (torch.zeros_like(stream), stream, *output[2:])
+
+    def _steer_store(self, index: int, picked: Tensor, keys: list[tuple[str, int, bool]]) -> None:
+        caps = self._steer["captures"]
+        picked = picked.detach()
+        norms = picked.float().norm(dim=-1).cpu() if any(norm for *_, norm in keys) else None
+        cpu = picked.cpu() if not all(norm for *_, norm in keys) else None
+        for j, (key, pos, norm) in enumerate(keys):
+            caps.setdefault(key, {}).setdefault(index, {})[pos] = float(norms[j]) if norm else cpu[j].clone()
+
+    def _steer_check_positions(self, step: _Step, args: tuple) -> None:
+        """Oracle (record mode): the CPU-side layout must equal the positions tensor the model itself receives
+        (vLLM's decoder layers take ``(positions, hidden, residual)``)."""
+        given = args[0] if args and isinstance(args[0], Tensor) else None
+        if given is None or given.dtype not in (torch.int32, torch.int64) or given.dim() != 1:
+            return
+        got = given[: step.n_tokens].cpu().numpy()
+        st = self._steer["stats"]
+        st["pos_checks"] += 1
+        if not np.array_equal(got, step.positions):
+            st["pos_mismatches"] += 1
+
+
+def _flat(t: Tensor, n: int) -> Tensor:
+    """The ``[n, d]`` view of a layer's token rows (``[1, N, d]`` from the Transformers modeling backend; rows past
+    ``n`` are padding)."""
+    if t.dim() == 3:
+        t = t[0]
+    return t if t.shape[0] == n else t[:n]

