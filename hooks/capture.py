@@ -68,30 +68,52 @@ class _Stop(Exception):
     """Raised by the last capture hook to skip the rest of the forward pass."""
 
 
+@dataclass(frozen=True)
+class ReadIndex:
+    """Where ``At`` reads in one forward call, resolved once and shared by every captured layer: a [B, T] weight
+    (spans, already divided by each row's count) or the (row [B, 1], column [B, k]) indices of the tokens to read."""
+
+    weight: Tensor | None = None
+    rows: Tensor | None = None
+    columns: Tensor | None = None
+    squeeze: bool = False
+
+    @classmethod
+    def resolve(cls, pos: Tensor, at: At) -> ReadIndex:
+        """From row positions ``pos`` [B, T] (-1 = padding); checks the positions exist (one host sync)."""
+        lengths = pos.max(dim=1).values + 1  # [B] real tokens per row
+        if at.span is not None:
+            start, end = (x.to(pos.device) for x in at.span)
+            weight = ((pos >= start[:, None]) & (pos < end[:, None]) & (pos >= 0)).float()
+            count = weight.sum(dim=1, keepdim=True)
+            if bool((count == 0).any()):
+                raise ValueError("a capture span covers no tokens in some row; check start < end within the row length")
+            return cls(weight=weight / count)
+        index = at.index.to(pos.device)
+        squeeze = index.dim() == 1
+        index = index[:, None] if squeeze else index
+        target = torch.where(index < 0, lengths[:, None] + index, index)  # [B, k]
+        if bool(((target < 0) | (target >= lengths[:, None])).any()):
+            raise ValueError(
+                f"capture position out of range for a row of length {int(lengths.min())}; check the indices"
+            )
+        columns = (pos[:, None, :] == target[:, :, None]).to(torch.int8).argmax(dim=-1)  # [B, k]
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        return cls(rows=rows, columns=columns, squeeze=squeeze)
+
+    def gather(self, hidden: Tensor) -> Tensor:
+        """[B, d] (or [B, k, d]) from ``hidden`` [B, T, d], detached."""
+        hidden = hidden.detach()
+        if self.weight is not None:
+            return (self.weight.to(hidden.device, hidden.dtype)[..., None] * hidden).sum(dim=1)
+        picked = hidden[self.rows.to(hidden.device), self.columns.to(hidden.device)]  # [B, k, d]
+        return picked[:, 0] if self.squeeze else picked
+
+
 def select_rows(hidden: Tensor, pos: Tensor, at: At) -> Tensor:
     """Gather [B, k, d] (or [B, d]) from ``hidden`` [B, T, d] at read positions ``at`` given row positions ``pos``
-    [B, T] (-1 = padding); detached."""
-    hidden = hidden.detach()
-    pos = pos.to(hidden.device)
-    lengths = pos.max(dim=1).values + 1  # [B] real tokens per row
-    if at.span is not None:
-        start, end = (x.to(pos.device) for x in at.span)
-        weight = ((pos >= start[:, None]) & (pos < end[:, None]) & (pos >= 0)).to(hidden.dtype)
-        count = weight.sum(dim=1, keepdim=True)
-        if bool((count == 0).any()):
-            raise ValueError("a capture span covers no tokens in some row; check start < end within the row length")
-        return (weight[..., None] * hidden).sum(dim=1) / count
-    index = at.index.to(pos.device)
-    squeeze = index.dim() == 1
-    index = index[:, None] if squeeze else index
-    target = torch.where(index < 0, lengths[:, None] + index, index)  # [B, k]
-    if bool(((target < 0) | (target >= lengths[:, None])).any()):
-        raise ValueError(f"capture position out of range for a row of length {int(lengths.min())}; check the indices")
-    hit = pos[:, None, :] == target[:, :, None]  # [B, k, T]
-    column = hit.to(torch.int8).argmax(dim=-1)  # [B, k]
-    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-    picked = hidden[rows, column]  # [B, k, d]
-    return picked[:, 0] if squeeze else picked
+    [B, T] (-1 = padding); detached. Capturing several layers of one call: resolve a ``ReadIndex`` once instead."""
+    return ReadIndex.resolve(pos.to(hidden.device), at).gather(hidden)
 
 
 def capture(
@@ -110,9 +132,13 @@ def capture(
     tracker = PositionTracker()
     out: dict[int, Tensor] = {}
 
+    reads: list[ReadIndex] = []  # resolved at the first captured layer, reused by the others
+
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
-            out[index] = select_rows(hidden_of(output), tracker.positions, read_at)
+            if not reads:
+                reads.append(ReadIndex.resolve(tracker.positions, read_at))
+            out[index] = reads[0].gather(hidden_of(output))
             if stop_early and index == wanted[-1]:
                 raise _Stop
 

@@ -72,7 +72,9 @@ class Plan:
                     "per row (or a scalar)"
                 )
         touched = {spec: bool(mask.any()) for spec, mask in masks.items()}
-        self._call = _Call(masks, touched, rows)
+        live = {id(iv) for iv in self._live if touched[iv.positions]}
+        ops = {layer: [iv for iv in group if id(iv) in live] for layer, group in self.groups.items()}
+        self._call = _Call(masks, rows, ops)
 
     def edit(self, layer: int, hidden: Tensor) -> Tensor:
         """The residual stream after this plan's interventions at ``layer``; ``hidden`` [B, T, d] (or [N, d] for a
@@ -80,14 +82,15 @@ class Plan:
 
         Interventions apply in the order given. Consecutive adds commute, so a run of several is one matmul
         (``scales [..., k] @ vectors [k, d]``): many cells in one batch cost about as much as one."""
-        group = self.groups.get(layer)
-        if not group:
-            return hidden
         call = self._call
         if call is None:
+            if layer not in self.groups:
+                return hidden
             raise RuntimeError("no forward call seen yet: feed the plan the call's positions first (plan.begin)")
+        live = call.ops.get(layer)  # this call's interventions at the layer that touch some token
+        if not live:
+            return hidden
         in_place = not (torch.is_grad_enabled() and hidden.requires_grad)
-        live = [iv for iv in group if not iv.is_noop and call.touched[iv.positions]]
         start = 0
         while start < len(live):
             iv = live[start]
@@ -154,10 +157,10 @@ class Plan:
 class _Call:
     """One forward call's masks, and the scales derived from them (shared across layers)."""
 
-    def __init__(self, masks: dict[Positions, Tensor], touched: dict[Positions, bool], rows: Tensor | None):
+    def __init__(self, masks: dict[Positions, Tensor], rows: Tensor | None, ops: dict[int, list[Intervention]]):
         self.masks = masks
-        self.touched = touched
         self.rows = rows
+        self.ops = ops
         self._scales: dict[tuple, Tensor] = {}
 
     def weight(self, spec: Positions, coefficient: float | Tensor, like: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ right under left padding, rows of different lengths and KV-cache generation, whe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -91,15 +92,7 @@ class Positions:
                 else:
                     lo = value
             return lo[:, None], hi[:, None]
-        per_row = self.ranges if self.per_row else [self.ranges] * rows
-        if len(per_row) != rows:
-            raise ValueError(f"positions has ranges for {len(per_row)} rows but the batch has {rows}")
-        width = max(len(r) for r in per_row)
-        lo = torch.zeros(rows, width, dtype=torch.long)
-        hi = torch.zeros(rows, width, dtype=torch.long)  # [0, 0) is empty: pads rows with fewer ranges
-        for b, row in enumerate(per_row):
-            for k, (start, end) in enumerate(row):
-                lo[b, k], hi[b, k] = start, OPEN if end is None else end
+        lo, hi = _range_bounds(self.ranges, self.per_row, rows)
         return lo.to(device), hi.to(device)
 
     def mask(self, pos: Tensor, layout: RowLayout | None) -> Tensor:
@@ -109,6 +102,21 @@ class Positions:
 
 
 OPEN = 2**62  # the end of an open interval
+
+
+@functools.lru_cache(maxsize=256)
+def _range_bounds(ranges: tuple, per_row: bool, rows: int) -> tuple[Tensor, Tensor]:
+    """``Positions.bounds`` of explicit ranges, built once per (ranges, rows): [rows, K] each, on the CPU."""
+    per_row_ranges = ranges if per_row else [ranges] * rows
+    if len(per_row_ranges) != rows:
+        raise ValueError(f"positions has ranges for {len(per_row_ranges)} rows but the batch has {rows}")
+    width = max(1, max(len(r) for r in per_row_ranges))
+    lo = torch.zeros(rows, width, dtype=torch.long)
+    hi = torch.zeros(rows, width, dtype=torch.long)  # [0, 0) is empty: pads rows with fewer ranges
+    for b, row in enumerate(per_row_ranges):
+        for k, (start, end) in enumerate(row):
+            lo[b, k], hi[b, k] = start, OPEN if end is None else end
+    return lo, hi
 
 
 def covered(pos: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
