@@ -51,7 +51,8 @@ def chats() -> list:
 
 @pytest.fixture(scope="module")
 def vm():
-    pytest.importorskip("vllm")
+    import nnsight  # noqa: F401  (it puts `save` on every object; the engine must start anyway)
+
     from steering import load_model
 
     model = load_model(

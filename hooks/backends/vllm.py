@@ -406,7 +406,16 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise AttributeError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-class SteeringWorkerExtension:
+class _OwnAttributes(type):
+    """``dir(cls)`` lists only what the class and its own bases define, not ``object``'s attributes: vLLM refuses an
+    extension whose ``dir`` shares a name with the worker, and nnsight, once imported, puts ``save`` on every
+    object, so a process that used nnsight could otherwise never start an engine with our extension."""
+
+    def __dir__(cls) -> list[str]:
+        return sorted({name for klass in cls.__mro__ if klass is not object for name in vars(klass)})
+
+
+class SteeringWorkerExtension(metaclass=_OwnAttributes):
     """Mixed into each vLLM worker (``LLM(..., worker_extension_cls=WORKER_EXTENSION)``); ``self`` is the worker.
 
     RPC methods (``llm.collective_rpc(name, args=...)``; names are prefixed because vLLM refuses an extension
