@@ -405,3 +405,16 @@ def load_repeng():
         return importlib.import_module("repeng"), None
     except ImportError as exc:
         return None, f"repeng not importable ({exc}); `make bench` installs it (it needs scikit-learn)"
+
+
+def add_from(block, delta, start: int):
+    """The plain forward hook a peer-library user writes: add ``delta`` [d] to ``block``'s output from token
+    ``start`` on (what steering-vectors' ``apply(min_token_index=start)`` does). Returns the hook handle."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[:, start:] += delta
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return block.register_forward_hook(hook)

@@ -222,22 +222,13 @@ def loop_side(model, hf, scorer, ids, starts, cells, device: str, results: dict)
     ]
     rows = [torch.tensor([row], device=device) for row in ids]
 
-    def add_from(layer: int, delta: torch.Tensor, start: int):
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden = hidden.clone()
-            hidden[:, start:] += delta
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return model.layers[layer].register_forward_hook(hook)
-
     def run():
         out = []
         with torch.no_grad():
             for x, start in zip(rows, starts):
                 probs = []
                 for cell, delta in zip(cells, deltas):
-                    handle = None if delta is None else add_from(cell.layer, delta, start)
+                    handle = None if delta is None else common.add_from(model.layers[cell.layer], delta, start)
                     try:
                         logits = hf(input_ids=x).logits[:, -1]
                     finally:

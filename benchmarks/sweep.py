@@ -30,15 +30,6 @@ def loop_side(model, scorer, cells, ids, starts, results: dict):
     hf = model.model
     sv, _ = common.load_steering_vectors()
 
-    def add_from(layer: int, delta: torch.Tensor, start: int):
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden = hidden.clone()
-            hidden[:, start:] += delta
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return model.layers[layer].register_forward_hook(hook)
-
     def run():
         out = []
         with torch.no_grad():
@@ -53,7 +44,7 @@ def loop_side(model, scorer, cells, ids, starts, results: dict):
                         with vector.apply(hf, multiplier=cell.absolute, min_token_index=start):
                             logits = hf(input_ids=x).logits[:, -1]
                     else:
-                        handle = add_from(cell.layer, cell.absolute * cell.vector.float(), start)
+                        handle = common.add_from(model.layers[cell.layer], cell.absolute * cell.vector.float(), start)
                         try:
                             logits = hf(input_ids=x).logits[:, -1]
                         finally:

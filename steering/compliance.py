@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from steering.hooks import Intervention, RowLayout
 from steering.models import SteeringModel
+from steering.models.base import pad_rows
 from steering.questions import Question
 from steering.scenario import CONDITIONS, Setting, load_setting
 
@@ -245,15 +246,7 @@ class ForcedChoiceScorer:
 
     def _pad_rows(self, parts: list[list[int]], side: str) -> tuple[Tensor, Tensor]:
         """Token ids and mask [k, width] of ``parts`` padded on ``side`` (host tensors)."""
-        width = max(len(p) for p in parts)
-        pad = self.model.tokenizer.pad_token_id or 0
-        out = torch.full((len(parts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(parts), width), dtype=torch.long)
-        for r, part in enumerate(parts):
-            span = slice(width - len(part), width) if side == "left" else slice(0, len(part))
-            out[r, span] = torch.tensor(part, dtype=torch.long)
-            mask[r, span] = 1
-        return out, mask
+        return pad_rows(parts, self.model.tokenizer.pad_token_id, side)
 
     def _layout(self, rows: list[list[int]], begins: list[int], per_conv: int) -> RowLayout:
         device = self.model.device

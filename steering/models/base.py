@@ -40,6 +40,18 @@ NORM_TEXTS = (
 )
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int | None, side: str = "left") -> tuple[Tensor, Tensor]:
+    """Token ids and attention mask [B, width] of ``rows`` padded on ``side`` (host tensors)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id or 0, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[b, span] = torch.tensor(row, dtype=torch.long)
+        mask[b, span] = 1
+    return ids, mask
+
+
 @dataclass
 class Encoded:
     """A tokenized batch: ``input_ids`` / ``attention_mask`` [B, T] plus the row layout for position modes."""
@@ -166,14 +178,7 @@ class TextModel:
     def _pad(self, rows: list[list[int]], starts: list[int | None], padding_side: str) -> Encoded:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
-            ids[b, span] = torch.tensor(row, dtype=torch.long)
-            mask[b, span] = 1
+        ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, padding_side)
         lengths = torch.tensor([len(r) for r in rows])
         response = None if any(s is None for s in starts) else torch.tensor(starts)
         return Encoded(ids, mask, RowLayout(prompt_len=lengths, response_start=response)).to(self.device)
