@@ -418,3 +418,14 @@ def add_from(block, delta, start: int):
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     return block.register_forward_hook(hook)
+
+
+# The Llama-3-8B shape the GPU benchmarks build with random weights (throughput does not depend on trained weights).
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+)

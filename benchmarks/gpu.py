@@ -51,14 +51,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def build_model(device: str, tiny: bool = False, vocab: int | None = None, dtype: torch.dtype = torch.bfloat16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-    )
+    shape = dict(common.LLAMA3_8B)
     if tiny:  # --toy: the same code path on a toy shape (vocabulary large enough for the real tokenizer)
         shape = dict(
             hidden_size=64,

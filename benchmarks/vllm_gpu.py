@@ -32,14 +32,7 @@ ONE_LAYER = 16
 SEED = 1234
 PROMPT_WORDS = 100  # ~128 tokens per prompt
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jumping zebras"
-SHAPE_8B = dict(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    intermediate_size=14336,
-    vocab_size=128256,
-)
+SHAPE_8B = common.LLAMA3_8B
 SHAPE_TINY = dict(
     hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
     vocab_size=49152,
