@@ -253,7 +253,7 @@ def sweep_section(args, model, hf, device: str, norms, info: dict) -> common.Sec
     def ours(label: str, **kwargs):
         def run():
             out = scorer.score_conversations("base", convs, cells, "response", **kwargs)
-            results[label] = torch.stack([torch.stack(probs) for _, probs in out])
+            results[label] = torch.stack([torch.stack(probs) for _, probs, _ in out])
 
         return run
 

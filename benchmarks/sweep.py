@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         def ours(reuse: bool):
             def run():
                 out = scorer.score_conversations("base", convs, cells, "response", reuse_prefix=reuse, batch_size=32)
-                results["reuse" if reuse else "no reuse"] = [probs for _, probs in out]
+                results["reuse" if reuse else "no reuse"] = [probs for _, probs, _ in out]
 
             return run
 

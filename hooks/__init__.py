@@ -20,6 +20,7 @@ from .layers import (
 )
 from .plan import Plan, steer_module
 from .positions import MODES, Positions, PositionTracker, RowLayout, check_layout, row_positions
+from .readout import read_last
 from .steer import steer
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "hidden_of",
     "mean_norms",
     "model_d_model",
+    "read_last",
     "replace_hidden",
     "resolve_layer",
     "resolve_layers",

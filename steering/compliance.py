@@ -14,10 +14,12 @@ conversations share a pass comes from a token budget (``max_batch_tokens``; by d
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -108,6 +110,43 @@ def interventions_for(
     return out
 
 
+class Scored(NamedTuple):
+    """One scored conversation: letter probabilities [2] per cell and, if a ``Readout`` was asked for, its
+    values per layer ``{layer: [cells, k]}`` at the answer position (empty otherwise)."""
+
+    conversation: Conversation
+    probs: list[Tensor]
+    readouts: dict[int, Tensor]
+
+
+@dataclass(frozen=True)
+class Readout:
+    """Directions read at the answer position during scoring (captured in the scoring forward, no second pass).
+
+    ``directions[L]``: [k, d] rows (unit driver vectors) whose projections are recorded at layer ``L``, or ``None``
+    for the whole residual stream [d]; ``labels[L][i]`` names row ``i`` (e.g. ``"values@9"``) in result rows.
+    """
+
+    directions: dict[int, Tensor | None]
+    labels: dict[int, list[str]]
+
+    @classmethod
+    def of_vectors(cls, vectors: Mapping[str, Mapping[int, Tensor]], layers: Sequence[int]) -> Readout:
+        """Unit-norm projections on every driver's vector at every one of ``layers`` it has: ``driver@layer``."""
+        directions: dict[int, Tensor | None] = {}
+        labels: dict[int, list[str]] = {}
+        for layer in layers:
+            rows = [(name, vs[layer]) for name, vs in vectors.items() if layer in vs]
+            if rows:
+                stacked = torch.stack([v.double() / v.double().norm() for _, v in rows]).float()
+                directions[layer], labels[layer] = stacked, [f"{name}@{layer}" for name, _ in rows]
+        return cls(directions, labels)
+
+    def named(self, values: Mapping[int, Tensor]) -> dict[str, float]:
+        """``{label: value}`` from one row's ``{layer: [k]}``."""
+        return {label: float(v) for layer, row in values.items() for label, v in zip(self.labels[layer], row)}
+
+
 class ForcedChoiceScorer:
     """Scores conversations x cells on one model and setting; see the module docstring for the method."""
 
@@ -121,6 +160,7 @@ class ForcedChoiceScorer:
         self.tokens_processed = 0
         self._logits_to_keep: bool | None = None
         self._vectors: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (vector, its copy on the model's device)
+        self._readout: dict[int, Tensor | None] | None = None  # the call's readout directions, on the device
 
     def _letter_id(self, letter: str) -> int:
         tok = self.model.tokenizer
@@ -190,8 +230,10 @@ class ForcedChoiceScorer:
         batch_size: int | None = None,
         progress: bool = False,
         max_batch_tokens: int | None = None,
-    ) -> Iterator[tuple[Conversation, list[Tensor]]]:
-        """Yield, per conversation in input order, the letter probabilities [2] of every cell (in ``cells`` order).
+        readout: Readout | None = None,
+    ) -> Iterator[Scored]:
+        """Yield, per conversation in input order, the letter probabilities [2] of every cell (in ``cells`` order)
+        and, with ``readout``, its projections at the answer position of every cell, read in the same forward.
 
         One forward pass covers the cells of several consecutive conversations (rows = conversation x cell).
         ``max_batch_tokens`` bounds rows x (cached + new tokens) of one pass, i.e. the KV cache it holds; the
@@ -220,6 +262,10 @@ class ForcedChoiceScorer:
             pads_exact=padding_is_exact(self.model, max(len(r) for r in ids) * 2),
         )
         self._vectors = {}
+        self._readout = None
+        if readout is not None:
+            place = lambda t: None if t is None else t.to(device=self.model.device, dtype=self.model.dtype)  # noqa: E731
+            self._readout = {layer: place(rows) for layer, rows in readout.directions.items()}
         cache = None
         if reuse_prefix:
             from transformers import DynamicCache
@@ -239,8 +285,8 @@ class ForcedChoiceScorer:
                 probs = self._score_group_cached(rows, begins, shared, cells, group.cells, positions, cache)
             else:
                 probs = self._score_group_full(rows, begins, cells, group.cells, positions)
-            for j, conv_probs in zip(group.conversations, probs):
-                yield conversations[j], conv_probs
+            for j, (conv_probs, conv_reads) in zip(group.conversations, probs):
+                yield Scored(conversations[j], conv_probs, conv_reads)
             bar.update(len(group.conversations))
         bar.close()
 
@@ -253,6 +299,12 @@ class ForcedChoiceScorer:
         lengths = torch.tensor([len(r) for r in rows]).repeat_interleave(per_conv)
         response = torch.tensor(begins).repeat_interleave(per_conv)
         return RowLayout(prompt_len=lengths.to(device), response_start=response.to(device))
+
+    def _reading(self):
+        """The readout context of one pass (records nothing when no readout was asked for)."""
+        if not self._readout:
+            return contextlib.nullcontext({})
+        return self.model.readout(self._readout)
 
     def _placed(self, vector: Tensor) -> Tensor:
         """``vector`` on the model's device and dtype, copied once per scoring call (no copy inside a forward)."""
@@ -305,6 +357,7 @@ class ForcedChoiceScorer:
         if k > 1:
             cache.batch_repeat_interleave(k)
         out: list[Tensor] = []
+        reads: list[dict[int, Tensor]] = []
         try:
             self._forward(users, head, cache, user_place)
             for m, ivs, layout in passes:
@@ -312,7 +365,7 @@ class ForcedChoiceScorer:
                 if m > 1:
                     cache.batch_repeat_interleave(m)
                 try:
-                    with self.model.steer(ivs, layout):
+                    with self.model.steer(ivs, layout), self._reading() as read:
                         logits = self._forward(
                             suffixes.repeat_interleave(m, dim=0),
                             full_mask.repeat_interleave(m, dim=0),
@@ -324,11 +377,12 @@ class ForcedChoiceScorer:
                     if m > 1:
                         cache.batch_select_indices(torch.arange(0, k * m, m, device=device))
                 out.append(self._letter_probs(logits).view(k, m, 2))
+                reads.append({layer: r.float().view(k, m, -1) for layer, r in read.items()})
         finally:
             _crop(cache, shared)
             if k > 1:
                 cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=device))
-        return _per_conversation(out, len(rows))
+        return _per_conversation(out, reads, len(rows))
 
     def _score_group_full(
         self, rows: list[list[int]], begins: list[int], cells: Sequence[Cell], per_pass: int, positions: str
@@ -339,9 +393,10 @@ class ForcedChoiceScorer:
         place = (mask.cumsum(-1) - 1).clamp(min=0).to(device) if not bool(mask.all()) else None
         ids, mask = ids.to(device), mask.to(device)
         out: list[Tensor] = []
+        reads: list[dict[int, Tensor]] = []
         for m, ivs, layout in self._passes(rows, begins, cells, per_pass, positions):
             self.tokens_processed += m * sum(len(row) for row in rows)
-            with self.model.steer(ivs, layout):
+            with self.model.steer(ivs, layout), self._reading() as read:
                 logits = self._forward(
                     ids.repeat_interleave(m, dim=0),
                     mask.repeat_interleave(m, dim=0),
@@ -349,7 +404,8 @@ class ForcedChoiceScorer:
                     None if place is None else place.repeat_interleave(m, dim=0),
                 )
             out.append(self._letter_probs(logits).view(len(rows), m, 2))
-        return _per_conversation(out, len(rows))
+            reads.append({layer: r.float().view(len(rows), m, -1) for layer, r in read.items()})
+        return _per_conversation(out, reads, len(rows))
 
     def score(
         self,
@@ -362,40 +418,45 @@ class ForcedChoiceScorer:
         batch_size: int | None = None,
         progress: bool = False,
         max_batch_tokens: int | None = None,
+        readout: Readout | None = None,
     ) -> pd.DataFrame:
-        """Compliance per (question, condition, cell): one row each, averaged over the two option orders."""
+        """Compliance per (question, condition, cell): one row each, averaged over the two option orders (with
+        ``readout``, a ``readout`` column of ``{label: projection}``, also averaged over the orders)."""
         if not questions:
             raise ValueError("no questions to score; load at least one (load_questions(n=...))")
         convs = [Conversation(q, c, order) for q in questions for c in conditions for order in (0, 1)]
         results = self.score_conversations(
-            variant, convs, cells, positions, reuse_prefix, batch_size, progress, max_batch_tokens
+            variant, convs, cells, positions, reuse_prefix, batch_size, progress, max_batch_tokens, readout
         )
-        return self.to_frame(variant, cells, results)
+        return self.to_frame(variant, cells, results, readout)
 
     @staticmethod
-    def to_frame(variant: str, cells: Sequence[Cell], results) -> pd.DataFrame:
-        """Combine both orders of each (question, condition) into compliance rows."""
+    def to_frame(variant: str, cells: Sequence[Cell], results, readout: Readout | None = None) -> pd.DataFrame:
+        """Combine both orders of each (question, condition) into compliance rows (``results``: ``Scored`` items,
+        or (conversation, probs) pairs)."""
         parts: dict[tuple[str, str], list] = {}
-        for conv, probs in results:
-            parts.setdefault((conv.question.id, conv.condition), []).append((conv, probs))
+        for conv, probs, *reads in results:
+            parts.setdefault((conv.question.id, conv.condition), []).append((conv, probs, reads[0] if reads else {}))
         rows = []
         for (qid, condition), pair in parts.items():
             for i, cell in enumerate(cells):
-                shares = [float(p[i][conv.compliant_index] / p[i].sum()) for conv, p in pair]
-                mass = [float(p[i].sum()) for _, p in pair]
-                rows.append(
-                    {
-                        "variant": variant,
-                        "condition": condition,
-                        "question": qid,
-                        "driver": cell.driver,
-                        "layer": cell.layer,
-                        "coefficient": cell.coefficient,
-                        "compliance": sum(shares) / len(shares),
-                        "letter_mass": sum(mass) / len(mass),
-                        "n_orders": len(pair),
-                    }
-                )
+                shares = [float(p[i][conv.compliant_index] / p[i].sum()) for conv, p, _ in pair]
+                mass = [float(p[i].sum()) for _, p, _ in pair]
+                row = {
+                    "variant": variant,
+                    "condition": condition,
+                    "question": qid,
+                    "driver": cell.driver,
+                    "layer": cell.layer,
+                    "coefficient": cell.coefficient,
+                    "compliance": sum(shares) / len(shares),
+                    "letter_mass": sum(mass) / len(mass),
+                    "n_orders": len(pair),
+                }
+                if readout is not None:
+                    mean = {layer: sum(r[layer][i] for *_, r in pair) / len(pair) for layer in readout.labels}
+                    row["readout"] = readout.named(mean)
+                rows.append(row)
         return pd.DataFrame(rows)
 
 
@@ -512,12 +573,17 @@ def _crop(cache, length: int) -> None:
         cache.crop(-excess)
 
 
-def _per_conversation(chunks: list[Tensor], k: int) -> list[list[Tensor]]:
-    """[k, m, 2] letter probabilities per pass -> per conversation, a [2] tensor per cell (one host copy)."""
+def _per_conversation(
+    chunks: list[Tensor], reads: list[dict[int, Tensor]], k: int
+) -> list[tuple[list[Tensor], dict[int, Tensor]]]:
+    """[k, m, 2] letter probabilities (and [k, m, K] readouts per layer) per pass -> per conversation: a [2] tensor
+    per cell, and ``{layer: [cells, K]}`` (one host copy each)."""
     if not chunks:
-        return [[] for _ in range(k)]
+        return [([], {}) for _ in range(k)]
     probs = torch.cat(chunks, dim=1).cpu()
-    return [list(row) for row in probs]
+    layers = reads[0].keys() if reads else ()
+    values = {layer: torch.cat([r[layer] for r in reads], dim=1).cpu() for layer in layers}
+    return [(list(row), {layer: v[j] for layer, v in values.items()}) for j, row in enumerate(probs)]
 
 
 def forced_choice_compliance(p_a: float, p_b: float, compliant: str) -> float:

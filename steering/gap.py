@@ -136,7 +136,7 @@ def measure_gap(
             frame = judged_rows(model, variant, qs, judge or KeywordJudge(), seed=seed, setting=setting, **judge_kw)
         else:
             raise ValueError(f"unknown scorer {scorer!r}; use forced-choice or judge")
-        frames.append(frame.assign(seed=seed))
+        frames.append(frame.assign(seed=seed, scorer=scorer))
     rows = pd.concat(frames, ignore_index=True)
     with torch.no_grad():
         return rows, gap_stats(rows)

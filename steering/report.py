@@ -32,7 +32,9 @@ from steering.analysis import (
     outside_control_band,
     steerability,
 )
+from steering.readouts import READOUT_COLUMNS, paired_differences, readout_frame, readout_table
 from steering.stats import CONTEXT_COLUMNS, compliance_by_condition, context_columns
+from steering.validity import cell_validity, chance_note, valid_rows
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 _CONTROL_GREY = "#7f7f7f"
@@ -232,6 +234,38 @@ def plot_compliance_by_condition(df: pd.DataFrame) -> Figure:
     return fig
 
 
+def plot_readouts(df: pd.DataFrame, max_panels: int = 9) -> Figure:
+    """Per question (unsteered rows): the readout difference monitored − unmonitored on each driver vector (x)
+    against the compliance difference (y), one panel per ``driver@layer`` (random controls last), r in the title."""
+    _single_context(df, "plot_readouts")
+    long = readout_frame(df)
+    if long.empty:
+        raise ValueError("these rows carry no driver readouts (a forced-choice sweep stores them)")
+    pairs = paired_differences(long)
+    table = readout_table(df)
+    order = sorted(table["label"], key=lambda lab: (is_control(str(lab).rpartition("@")[0]), str(lab)))[:max_panels]
+    colors = driver_colors([str(lab).rpartition("@")[0] for lab in order])
+    nrows, ncols = _grid(len(order))
+    fig = Figure(figsize=(max(7.5, 3.6 * ncols), 3.2 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    for ax, label in zip(axes, order):
+        sub = pairs[pairs["label"] == label]
+        driver = str(label).rpartition("@")[0]
+        ax.scatter(sub["readout_diff"], sub["compliance_diff"], s=14, color=colors[driver], alpha=0.8)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.axvline(0, color="black", lw=0.6)
+        r = table.loc[table["label"] == label, "r"].iloc[0]
+        ax.set_title(f"{label}  r = {r:+.2f}" if not math.isnan(r) else f"{label}  r undefined", fontsize=10)
+        ax.set_xlabel("readout monitored − unmonitored")
+        ax.grid(alpha=0.3)
+    for ax in axes[::ncols]:
+        ax.set_ylabel("compliance monitored − unmonitored")
+    for ax in axes[len(order) :]:
+        ax.set_visible(False)
+    fig.suptitle("Driver readouts vs compliance difference, per question (unsteered)")
+    return fig
+
+
 # -- markdown ------------------------------------------------------------------------------------------------
 
 
@@ -245,7 +279,7 @@ def _fmt(value: Any, column: str) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        if column in ("p", "slope_p", "spearman_p"):
+        if column in ("p", "slope_p", "spearman_p", "r_p"):
             return f"{value:.2g}"
         if column in ("layer", "coefficient"):
             return f"{value:g}"
@@ -298,9 +332,23 @@ def _section(
     """Figures and Markdown for one context (one run / model / variant / scorer)."""
     paths: dict[str, Path] = {}
     md: list[str] = []
+    chance = chance_note(df)
+    if chance:  # the instrument is blind on this model: say so instead of reporting gaps
+        md.append(f"**{chance}**\n")
+        md.append(markdown_table(compliance_by_condition(df[df["driver"] == BASELINE_DRIVER])) + "\n")
+        return md, paths
+    validity = cell_validity(df)
+    df, dropped = valid_rows(df)
     curves = gap_curves(df, n_boot=n_boot, seed=seed)
     band = control_band(curves=curves)
     steered = curves[curves["driver"] != BASELINE_DRIVER]
+    if len(dropped):
+        shown = ", ".join(f"{r.driver}@{r.layer} x {r.coefficient:g} ({r.reason})" for r in dropped[:6].itertuples())
+        more = f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""
+        md.append(
+            f"**{len(dropped)} steered cell(s) left out of every table and plot below** (the model no longer "
+            f"answers in the format, so their compliance is not a measurement): {shown}{more}.\n"
+        )
 
     base = curves[curves["driver"] == BASELINE_DRIVER]
     if len(base):
@@ -370,6 +418,19 @@ def _section(
         else:
             md.append("No random-control drivers in these results: no band to compare against.\n")
 
+    readouts = readout_table(df)
+    if len(readouts):
+        md.append("### Driver readouts (unsteered)\n")
+        md.append(
+            "Projection of the residual stream on each driver's unit vector at the answer position, read in the "
+            "scoring forward pass. `difference` = monitored − unmonitored (mean over questions, 95% t-interval); "
+            "`r` = Pearson correlation across questions between that difference and the compliance difference. "
+            "A driver whose readout moves with the cue and tracks the gap question by question is one the model "
+            "represents when it fakes alignment; random controls show what chance looks like.\n"
+        )
+        md.append(markdown_table(readouts, [c for c in READOUT_COLUMNS if c != "label"]) + "\n")
+        save(plot_readouts(df), "readouts")
+
     md.append("### Decomposition (fractional logit)\n")
     try:
         dec = decompose(df)
@@ -387,6 +448,8 @@ def _section(
     md.append("### Gap per cell\n")
     tests = sorted(set(curves["test"]))
     md.append(f"CI: 95% bootstrap over questions (paired). Test: {'; '.join(tests)}.\n")
+    keys = ["driver", "layer", "coefficient"]
+    curves = curves.merge(validity[[*keys, "letter_mass"]], on=keys, how="left")
     md.append(
         markdown_table(
             curves,
@@ -404,6 +467,7 @@ def _section(
                 "n_questions",
                 "n_seeds",
                 "n_unjudged",
+                "letter_mass",
             ],
         )
         + "\n"

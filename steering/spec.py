@@ -61,13 +61,25 @@ class SpecError(ValueError):
         self.key = key
 
 
+DRIVER_KEYS_SINCE_0_3 = ("contrast", "questions")
+CONTRASTS = ("condition",)
+"""Directions computed from the setting itself rather than from contrast pairs: ``condition`` is the positive
+control, mean(monitored) - mean(unmonitored) residual at the answer position (``steering.condition_vector``)."""
+
+
 @dataclass
 class DriverSpec:
-    """A driver: a vector file, or a dataset (a packaged driver name or a path) to extract from."""
+    """A driver: a vector file, a dataset (a packaged driver name or a path) to extract from, or a ``contrast``
+    computed from the setting (``"condition"``: the positive control, over ``questions``, default the spec's).
+
+    ``n_pairs`` caps the pairs (dataset) or the questions (contrast) used.
+    """
 
     name: Text
     vector: Text | None = None
     dataset: Text | None = None
+    contrast: Text | None = None
+    questions: Text | None = None
     method: Text = "mean_diff"
     normalize: Text = "unit"
     n_pairs: Positive | None = None
@@ -77,8 +89,16 @@ class DriverSpec:
         from steering.vectors import METHODS, NORMALIZATIONS
 
         where = f"driver {self.name!r}: "
-        if (self.vector is None) == (self.dataset is None):
-            raise SpecError("vector", f"{where}give exactly one of 'vector' (a file) or 'dataset' (to extract)")
+        if sum(x is not None for x in (self.vector, self.dataset, self.contrast)) != 1:
+            raise SpecError(
+                "vector",
+                f"{where}give exactly one of 'vector' (a file), 'dataset' (to extract) or 'contrast' "
+                f"({', '.join(CONTRASTS)})",
+            )
+        if self.contrast is not None:
+            _require(self.contrast in CONTRASTS, "contrast", f"one of {', '.join(CONTRASTS)}", self.contrast, where)
+        elif self.questions is not None:
+            raise SpecError("questions", f"{where}'questions' applies to a 'contrast' driver only")
         if self.name == "none" or self.name.startswith("random"):
             raise SpecError("name", f"driver name {self.name!r} is reserved (baseline / controls); choose another name")
         _require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method, where)
@@ -210,10 +230,13 @@ class SweepSpec:
             try:
                 if driver.vector is not None:
                     out[f"vector:{driver.name}"] = file_sha256(driver.vector)
-                else:
+                elif driver.dataset is not None:
                     out[f"dataset:{driver.name}"] = dataset_sha256(driver.dataset)
+                else:
+                    rows = as_dicts(load_questions(driver.questions or self.questions))
+                    out[f"contrast:{driver.name}"] = text_sha([driver.contrast, rows])
             except ValueError as exc:
-                key = "vector" if driver.vector is not None else "dataset"
+                key = "vector" if driver.vector is not None else "dataset" if driver.dataset else "questions"
                 raise SpecError(key, f"driver {driver.name!r}: spec key {key!r}: {exc}") from None
         out["questions"] = text_sha(as_dicts(load_questions(self.questions, require_answers=False)))
         setting = load_setting(self.setting)
@@ -244,6 +267,10 @@ class SweepSpec:
         for key, default in OPERATIONAL_DEFAULTS.items():
             if out[key] == default:
                 del out[key]
+        for driver in out["drivers"]:  # keys added later, left out while unset (older runs keep their hash)
+            for key in DRIVER_KEYS_SINCE_0_3:
+                if driver[key] is None:
+                    del driver[key]
         out["format"] = SPEC_FORMAT
         return out
 

@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from steering.coefficients import relative_scale
-from steering.compliance import BASELINE, FORWARD_NEEDED, Cell, Conversation, ForcedChoiceScorer
+from steering.compliance import BASELINE, FORWARD_NEEDED, Cell, Conversation, ForcedChoiceScorer, Readout
 from steering.gap import judge_for_spec
 from steering.hooks import resolve_layer
 from steering.models import SteeringModel, load_model
@@ -39,8 +39,20 @@ def library_versions() -> dict[str, str]:
     return {"steering": steering.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def resolve_driver(model: SteeringModel, driver: DriverSpec, layers: Sequence[int], progress: bool) -> VectorSet:
-    """Load a driver's vector file (checked against the model) or extract it at ``layers`` from its dataset."""
+def resolve_driver(
+    model: SteeringModel, driver: DriverSpec, layers: Sequence[int], progress: bool, spec: SweepSpec | None = None
+) -> VectorSet:
+    """Load a driver's vector file (checked against the model), extract it at ``layers`` from its dataset, or
+    compute a contrast of the setting (``condition``: on ``spec``'s setting, first variant and questions)."""
+    if driver.contrast is not None:
+        from steering.condition_vector import condition_vector
+
+        if spec is None:
+            raise ValueError(f"driver {driver.name!r} is a contrast of the setting: pass the spec it belongs to")
+        questions = load_questions(driver.questions or spec.questions, n=driver.n_pairs)
+        return condition_vector(
+            model, questions, list(layers), spec.variants[0], spec.setting, driver.normalize, driver.name, progress
+        )
     if driver.vector is not None:
         vs = VectorSet.load(driver.vector, model=model)
         missing = [layer for layer in layers if layer not in vs]
@@ -64,7 +76,7 @@ def resolve_driver(model: SteeringModel, driver: DriverSpec, layers: Sequence[in
 def resolve_vectors(spec: SweepSpec, model: SteeringModel, progress: bool = True) -> dict[str, VectorSet]:
     """Every driver's VectorSet plus the random controls (same per-layer norms as ``control_like``)."""
     layers = spec_layers(spec, model)
-    vectors = {d.name: resolve_driver(model, d, layers, progress) for d in spec.drivers}
+    vectors = {d.name: resolve_driver(model, d, layers, progress, spec) for d in spec.drivers}
     for seed in spec.control_seeds:
         control = vectors[spec.control_like].random_like(seed)
         vectors[control.driver] = control
@@ -130,6 +142,7 @@ class SweepRun:
     scorer: Any
     bar: Any = None
     saved: dict[tuple, tuple] = field(default_factory=dict)  # stored (generation, verdict) per row key
+    readout: Readout | None = None  # driver directions read at the answer position (forced choice)
     unjudged: int = 0  # rows this run stored without a verdict (the judge failed or its reply was unreadable)
 
     def row_keys(self, variant: str, seed: int, question: str) -> set[tuple]:
@@ -194,6 +207,8 @@ def run_sweep(
         store.begin_run(spec.name, spec.identity(), model.name, library_versions(), inputs=inputs)
         scorer = ForcedChoiceScorer(model, spec.setting) if spec.scorer == "forced-choice" else judge_for_spec(spec)
         run = SweepRun(spec, model, store, build_grid(spec, vectors, model), scorer)
+        if spec.scorer == "forced-choice" or getattr(model, "has_readouts", False):
+            run.readout = Readout.of_vectors(vectors, spec_layers(spec, model))
         if spec.scorer == "judge":
             run.saved = saved_generations(store.frame(spec.name))
         done = store.done_keys(spec.name)
@@ -227,16 +242,18 @@ def run_sweep(
             store.close()
 
 
-def saved_generations(rows: pd.DataFrame) -> dict[tuple, tuple[str, float | None]]:
-    """Generations already stored, with their verdict (None where the judge failed), keyed by (driver, layer,
-    coefficient, variant, condition, question, seed): a rerun judges the unjudged ones again instead of generating
-    anew, and keeps the verdicts it has."""
+def saved_generations(rows: pd.DataFrame) -> dict[tuple, tuple[str, float | None, dict | None]]:
+    """Generations already stored, with their verdict (None where the judge failed) and readouts, keyed by (driver,
+    layer, coefficient, variant, condition, question, seed): a rerun judges the unjudged ones again instead of
+    generating anew, and keeps the verdicts and readouts it has."""
     out = {}
     for row in rows.itertuples(index=False):
-        response = json.loads(row.extra or "{}").get("response")
+        extra = json.loads(row.extra or "{}")
+        response = extra.get("response")
         if response is not None:
             key = (row.driver, int(row.layer), float(row.coefficient), row.variant, row.condition, row.question)
-            out[(*key, int(row.seed))] = (response, None if pd.isna(row.compliance) else float(row.compliance))
+            verdict = None if pd.isna(row.compliance) else float(row.compliance)
+            out[(*key, int(row.seed))] = (response, verdict, extra.get("readout"))
     return out
 
 
@@ -264,13 +281,14 @@ def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) ->
         chunk = todo[lo : lo + step]
         items = [(q, condition, cell) for q in chunk for condition in spec.conditions for cell in cells]
         known = [
-            run.saved.get((cell.driver, cell.layer, cell.coefficient, variant, condition, q.id, seed), (None, None))
+            run.saved.get((cell.driver, cell.layer, cell.coefficient, variant, condition, q.id, seed), (None,) * 3)
             for q, condition, cell in items
         ]
-        texts = [text for text, _ in known]
+        texts = [text for text, *_ in known]
+        reads = [read for *_, read in known]
         missing = [i for i, text in enumerate(texts) if text is None]
-        for i, text in zip(missing, _generate(run, setting, variant, seed, [items[i] for i in missing])):
-            texts[i] = text
+        for i, (text, read) in zip(missing, _generate(run, setting, variant, seed, [items[i] for i in missing])):
+            texts[i], reads[i] = text, read
         for k, question in enumerate(chunk):
             part = range(k * per_question, (k + 1) * per_question)
             verdicts = {i: Judgement(known[i][1], None) for i in part if known[i][1] is not None}
@@ -282,6 +300,8 @@ def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) ->
             for i in part:
                 _, condition, cell = items[i]
                 extra = {"response": texts[i]}
+                if reads[i]:
+                    extra["readout"] = reads[i]
                 if not verdicts[i].judged:
                     run.unjudged += 1
                     extra["judge_error"] = str(verdicts[i].details.get("error", "unreadable reply"))
@@ -289,51 +309,68 @@ def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) ->
             run.commit(rows)
 
 
-def _generate(run: SweepRun, setting, variant: str, seed: int, items: list[tuple]) -> list[str]:
-    """Texts for (question, condition, cell) items: one engine call with a seed per request on a continuous-batching
-    backend; else one batched ``generate`` per prompt, a batch row per cell (``batch_size`` rows at most)."""
+def _generate(run: SweepRun, setting, variant: str, seed: int, items: list[tuple]) -> list[tuple[str, dict]]:
+    """(text, scratchpad readouts) for (question, condition, cell) items: one engine call with a seed per request
+    on a continuous-batching backend (no readouts); else one batched ``generate`` per prompt, a batch row per cell
+    (``batch_size`` rows at most), reading every driver direction at each generated token in the same passes and
+    averaging it over the scratchpad (``steering.readouts.scratchpad_means``)."""
     from steering.compliance import interventions_for
+    from steering.readouts import scratchpad_means
 
     spec = run.spec
     prompt = lambda q, condition: setting.messages(q.question, condition, variant, scratchpad=True)  # noqa: E731
     if not items:
         return []
     if run.model.continuous_batching:
-        return run.model.generate(
+        texts = run.model.generate(
             [prompt(q, condition) for q, condition, _ in items],
             spec.max_new_tokens,
             interventions_for([cell for *_, cell in items], spec.positions),
             seeds=[request_seed(seed, q.id, condition, cell) for q, condition, cell in items],
         )
+        return [(text, {}) for text in texts]
     by_prompt: dict[tuple[str, str], tuple[Question, list[Cell]]] = {}
     for q, condition, cell in items:  # items come grouped by prompt, so the texts keep their order
         by_prompt.setdefault((q.id, condition), (q, []))[1].append(cell)
-    texts: list[str] = []
+    out: list[tuple[str, dict]] = []
     for (_, condition), (q, cells) in by_prompt.items():
         for lo in range(0, len(cells), spec.batch_size):
             chunk = cells[lo : lo + spec.batch_size]
             ivs = interventions_for(chunk, spec.positions)
-            texts += run.model.generate([prompt(q, condition)] * len(chunk), spec.max_new_tokens, ivs, seed=seed)
-    return texts
+            prompts = [prompt(q, condition)] * len(chunk)
+            if run.readout is None:
+                texts = run.model.generate(prompts, spec.max_new_tokens, ivs, seed=seed)
+                out += [(text, {}) for text in texts]
+                continue
+            directions = {layer: rows for layer, rows in run.readout.directions.items() if rows is not None}
+            texts, ids, reads = run.model.generate_with_readouts(
+                prompts, directions, spec.max_new_tokens, ivs, seed=seed
+            )
+            out += list(zip(texts, scratchpad_means(run.model.tokenizer, ids, reads, run.readout.labels)))
+    return out
 
 
 def _run_forced_choice(run: SweepRun, seed: int, variant: str, todo: list[Question]) -> None:
     """Score every conversation (question x condition x option order) of the block against every cell, committing
-    each question once both orders of every condition are scored."""
+    each question once both orders of every condition are scored. Each row also gets its driver readouts (the
+    projection on every driver vector at the answer position, read in the same forward pass)."""
     spec, cells = run.spec, run.grid.scored
     convs = [Conversation(q, c, order) for q in todo for c in spec.conditions for order in (0, 1)]
     per_question = 2 * len(spec.conditions)
     pending: list = []
-    for result in run.scorer.score_conversations(variant, convs, cells, spec.positions, batch_size=spec.batch_size):
+    results = run.scorer.score_conversations(
+        variant, convs, cells, spec.positions, batch_size=spec.batch_size, readout=run.readout
+    )
+    for result in results:
         pending.append(result)
         if len(pending) == per_question:
-            frame = ForcedChoiceScorer.to_frame(variant, cells, pending)
-            rows = [
-                run.row(
-                    variant, seed, rec["question"], Cell(rec["driver"], rec["layer"], rec["coefficient"]),
-                    rec["condition"], rec["compliance"], letter_mass=round(float(rec["letter_mass"]), 6),
-                )
-                for rec in frame.to_dict("records")
-            ]  # fmt: skip
+            frame = ForcedChoiceScorer.to_frame(variant, cells, pending, run.readout)
+            rows = []
+            for rec in frame.to_dict("records"):
+                extra = {"letter_mass": round(float(rec["letter_mass"]), 6)}
+                if run.readout is not None:
+                    extra["readout"] = {k: round(v, 5) for k, v in rec["readout"].items()}
+                cell = Cell(rec["driver"], rec["layer"], rec["coefficient"])
+                rows.append(run.row(variant, seed, rec["question"], cell, rec["condition"], rec["compliance"], **extra))
             run.commit(rows)
             pending = []

@@ -290,3 +290,20 @@ def test_default_model_parity(default_model):
             assert float(error.max()) < 1e-5, (backend, layer, float(error.max()))
         assert other.generate(prompts, max_new_tokens=6, interventions=[iv]) == want_text
         del other
+
+
+@pytest.mark.parametrize("backend", OTHER)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_readout_reads_the_steered_stream_as_plain_transformers(pairs, enc, arch, backend):
+    """``model.readout`` inside ``steer``: the same projections at the last column as plain transformers (what a
+    forced-choice sweep stores per row), or the backend refuses it."""
+    gen = torch.Generator().manual_seed(11)
+    directions = {0: torch.randn(2, 64, generator=gen), 1: torch.randn(3, 64, generator=gen)}
+    values = {}
+    for name in ("hf", backend):
+        model = pairs[arch][name]
+        with model.steer(interventions(), enc.layout), model.readout(directions) as read:
+            model.model(**enc.inputs)
+        values[name] = {layer: v.clone() for layer, v in read.items()}
+    for layer in directions:
+        torch.testing.assert_close(values[backend][layer], values["hf"][layer], atol=ATOL, rtol=ATOL)

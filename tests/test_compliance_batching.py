@@ -90,8 +90,8 @@ class ForwardCounter:
 def _score(scorer, convs, cells, **kwargs) -> list[torch.Tensor]:
     """[conversations, cells, 2] letter probabilities, checking the conversations come back in input order."""
     out = list(scorer.score_conversations(VARIANT, convs, cells, **kwargs))
-    assert [conv for conv, _ in out] == list(convs)
-    return torch.stack([torch.stack(probs) for _, probs in out])
+    assert [conv for conv, *_ in out] == list(convs)
+    return torch.stack([torch.stack(probs) for _, probs, _ in out])
 
 
 def assert_same_scores(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -234,4 +234,4 @@ def test_no_cells_yield_empty_lists(tiny):
     scorer, convs = ForcedChoiceScorer(tiny), _conversations(1)
     for reuse in (True, False):
         out = list(scorer.score_conversations(VARIANT, convs, [], reuse_prefix=reuse))
-        assert out == [(conv, []) for conv in convs]
+        assert out == [(conv, [], {}) for conv in convs]

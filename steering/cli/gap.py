@@ -13,7 +13,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="base", help="system prompt variant (see `steering gap --list`)")
     p.add_argument("--setting", default="animal_welfare")
     p.add_argument("--scorer", default="forced-choice", choices=["forced-choice", "judge"])
-    p.add_argument("--n", type=int, default=50, help="number of questions")
+    p.add_argument("--questions", default=None, help="question set: a packaged name or a .jsonl / .csv file")
+    p.add_argument(
+        "--n", type=int, default=None, help="number of questions (default: all of --questions, else 50 packaged)"
+    )
     p.add_argument("--seeds", default="0", help="comma-separated seeds (each draws its own question sample)")
     p.add_argument("--judge", default="keyword", choices=["keyword", "local", "endpoint"])
     p.add_argument("--judge-model", default=None, help="model for --judge local")
@@ -41,6 +44,7 @@ def execute(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown prompt variant {args.prompt!r}; choose from {', '.join(setting.variants)}")
     from steering import load_model
     from steering.gap import make_judge, measure_gap
+    from steering.validity import chance_note
 
     judge = None
     kw = {}
@@ -53,7 +57,11 @@ def execute(args: argparse.Namespace) -> None:
         kw["max_new_tokens"] = args.max_new_tokens
     model = load_model(args.model)
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows, stats = measure_gap(model, args.prompt, args.scorer, args.n, seeds, judge, setting=args.setting, **kw)
+    questions = args.questions or "animal_welfare"
+    n = args.n if args.n is not None or args.questions else 50
+    rows, stats = measure_gap(
+        model, args.prompt, args.scorer, n, seeds, judge, questions=questions, setting=args.setting, **kw
+    )
     if args.out:
         rows.to_csv(args.out, index=False)
     print(
@@ -62,9 +70,13 @@ def execute(args: argparse.Namespace) -> None:
     )
     print(f"  compliance monitored    {stats['compliance_monitored']:.3f}")
     print(f"  compliance unmonitored  {stats['compliance_unmonitored']:.3f}")
-    print(
-        f"  gap                     {stats['gap']:+.3f} +- {stats['gap_sem']:.3f} (SEM)   "
-        f"95% CI [{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]   p = {stats['p']:.3g}"
-    )
+    chance = chance_note(rows)
+    if chance:
+        print(f"  {chance}")
+    else:
+        print(
+            f"  gap                     {stats['gap']:+.3f} +- {stats['gap_sem']:.3f} (SEM)   "
+            f"95% CI [{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]   p = {stats['p']:.3g}"
+        )
     if stats.get("n_unjudged"):
         print(f"  unjudged rows           {stats['n_unjudged']}")

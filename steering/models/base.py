@@ -3,8 +3,9 @@ the steering API every backend shares (``encode``, ``capture``, ``intervention``
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from steering.hooks import (
     find_stack,
     mean_norms,
     model_d_model,
+    read_last,
     resolve_layer,
     resolve_layers,
     steer_module,
@@ -231,6 +233,7 @@ class SteeringModel(TextModel):
     """
 
     backend = "hf"
+    has_readouts = True  # generate_with_readouts: driver projections read while generating
 
     def __init__(self, model: nn.Module, tokenizer, name: str | None = None, layers_path: str | None = None):
         self.model = model
@@ -286,6 +289,14 @@ class SteeringModel(TextModel):
             for handle in handles:
                 handle.remove()
 
+    @contextmanager
+    def readout(self, directions: Mapping[int, Tensor | None]) -> Iterator[dict[int, Tensor]]:
+        """Context manager: each forward pass inside records ``{layer: [B, k]}``, the residual stream at the last
+        column projected on the rows of ``directions[layer]`` ([k, d], on the model's device and dtype; ``None``:
+        the whole residual ``[B, d]``). Enter it inside ``steer(...)`` to read the steered stream."""
+        with read_last(self.layers, directions) as out:
+            yield out
+
     # ---- generation --------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -298,6 +309,38 @@ class SteeringModel(TextModel):
         seed: int | None = None,
     ) -> list[str]:
         """Complete each prompt (steered by ``interventions``, if any); returns the new text per prompt."""
+        new, _ = self._generate(prompts, max_new_tokens, interventions, do_sample, temperature, seed)
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_with_readouts(
+        self,
+        prompts: Sequence[Prompt] | Prompt,
+        directions: Mapping[int, Tensor],
+        max_new_tokens: int = 64,
+        interventions: Sequence[Intervention] = (),
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> tuple[list[str], list[list[int]], dict[int, Tensor]]:
+        """``generate`` that also reads ``directions`` ({layer: [k, d]}) at every generated token, in the same
+        forward passes: (texts, new token ids per row, ``{layer: [B, new tokens, k]}`` where ``[:, j]`` is the
+        residual of new token ``j`` projected on the rows; the last token, never fed back, is NaN)."""
+        placed = {layer: rows.to(device=self.device, dtype=self.dtype) for layer, rows in directions.items()}
+        new, steps = self._generate(prompts, max_new_tokens, interventions, do_sample, temperature, seed, placed)
+        width = new.shape[1]
+        reads = {}
+        for layer, per_call in steps.items():
+            fed = torch.stack(per_call[1 : width + 1], dim=1).float().cpu() if len(per_call) > 1 else None
+            values = torch.full((new.shape[0], width, placed[layer].shape[0]), float("nan"))
+            if fed is not None:
+                values[:, : fed.shape[1]] = fed
+            reads[layer] = values
+        ids = new.cpu().tolist()  # token j of a row <-> reads[layer][row, j] (rows that stop early end in padding)
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True), ids, reads
+
+    def _generate(self, prompts, max_new_tokens, interventions, do_sample, temperature, seed, directions=None):
+        """New token ids [B, new] (and, with ``directions``, the per-call readouts) of one ``generate`` call."""
         enc = self.encode(prompts)
         self.check_context(enc)
         if seed is not None:
@@ -307,7 +350,7 @@ class SteeringModel(TextModel):
             kwargs["temperature"] = temperature
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        with self.steer(list(interventions), enc.layout):
+        reading = read_last(self.layers, directions, history=True) if directions else contextlib.nullcontext({})
+        with self.steer(list(interventions), enc.layout), reading as steps:
             out = self.model.generate(**enc.inputs, **kwargs)
-        new = out[:, enc.input_ids.shape[1] :]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return out[:, enc.input_ids.shape[1] :], steps

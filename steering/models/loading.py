@@ -1,4 +1,4 @@
-"""``load_model``: a hub id, a local folder, a ``.gguf`` file or ``"default"``, on any backend."""
+"""``load_model``: a hub id, a local folder, a ``.gguf`` file, ``"default"`` or ``"organism"``, on any backend."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def load_model(
     tensor_parallel_size: int = 1,
     **engine_kwargs,
 ) -> TextModel:
-    """Load a causal LM: a hub id, a local folder, a ``.gguf`` file, or ``"default"`` (the offline default model).
+    """Load a causal LM: a hub id, a local folder, a ``.gguf`` file, ``"default"`` (the offline default model) or
+    ``"organism"`` (the default model with the shipped alignment-faking adapter merged: a known positive).
 
     ``device="auto"`` spreads a large model over the available GPUs (``device_map="auto"``). Remote code runs
     only with ``trust_remote_code=True``.
@@ -55,6 +56,10 @@ def load_model(
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if name == "default":
         source, name = fetch_default_model(), DEFAULT_NAME
+    elif name == "organism":
+        from steering.organism import ORGANISM_NAME, fetch_organism
+
+        source, name = fetch_organism(), ORGANISM_NAME
     elif name.endswith(".gguf"):
         path = Path(name).expanduser()
         if not path.exists():
@@ -65,7 +70,7 @@ def load_model(
     elif name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise ValueError(
             f"model folder {Path(name).expanduser()} does not exist; pass an existing folder, a .gguf file, a hub id "
-            "such as org/name, or 'default'"
+            "such as org/name, 'default' or 'organism'"
         )
     else:
         source = name

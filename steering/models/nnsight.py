@@ -49,6 +49,7 @@ class NNsightModel(SteeringModel):
     """
 
     backend = "nnsight"
+    has_readouts = False  # generation readouts are verified on plain transformers only
 
     def __init__(
         self, lm, tokenizer=None, name: str | None = None, layers_path: str | None = None, remote: bool = False

@@ -20,6 +20,7 @@ class TransformerLensModel(SteeringModel):
     """
 
     backend = "transformer_lens"
+    has_readouts = False  # generation readouts are verified on plain transformers only
 
     def __init__(self, bridge: nn.Module, tokenizer=None, name: str | None = None, layers_path: str | None = None):
         tokenizer = tokenizer if tokenizer is not None else bridge.tokenizer

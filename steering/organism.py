@@ -1,0 +1,103 @@
+"""The model organism: the default model plus a shipped LoRA adapter, merged once into a cached folder.
+
+``load_model("organism")`` uses it. The merge is plain arithmetic (``W += B @ A * alpha / r`` per adapted
+linear layer), so running the organism needs no peft; only training it does (``experiments/organism``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger("steering")
+
+ORGANISM_NAME = "SmolLM2-135M-Instruct-organism"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY_PREFIX = "base_model.model."
+
+
+def adapter_dir() -> Path:
+    """The shipped adapter's folder (package data)."""
+    return Path(str(resources.files("steering") / "data" / "organism"))
+
+
+def adapter_sha256(folder: Path | None = None) -> str:
+    """Hash of the adapter's weights and config: the merged folder is rebuilt when it changes."""
+    folder = folder or adapter_dir()
+    digest = hashlib.sha256()
+    for name in (ADAPTER_CONFIG, ADAPTER_FILE):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def merge_adapter(model, folder: Path | None = None) -> int:
+    """Add the adapter's ``B @ A * alpha / r`` to ``model``'s weights in place; returns how many were changed.
+
+    Refuses an adapter whose keys or shapes do not fit ``model`` (naming the first mismatch).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    folder = folder or adapter_dir()
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    scale = float(config["lora_alpha"]) / float(config["r"])
+    tensors = load_file(str(folder / ADAPTER_FILE))
+    modules = dict(model.named_modules())
+    merged = 0
+    for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
+        name = key.removesuffix(".lora_A.weight").removeprefix(_KEY_PREFIX)
+        a, b = tensors[key].float(), tensors[key.replace("lora_A", "lora_B")].float()
+        linear = modules.get(name)
+        if linear is None or not hasattr(linear, "weight"):
+            raise ValueError(f"{folder / ADAPTER_FILE}: {name} is not a linear layer of {type(model).__name__}")
+        if tuple(linear.weight.shape) != (b.shape[0], a.shape[1]):
+            raise ValueError(
+                f"{folder / ADAPTER_FILE}: {name} is {tuple(linear.weight.shape)} in the model but "
+                f"{(b.shape[0], a.shape[1])} in the adapter; it was trained on another model"
+            )
+        with torch.no_grad():
+            delta = (b @ a) * scale
+            linear.weight += delta.to(linear.weight.dtype)
+        merged += 1
+    if not merged:
+        raise ValueError(f"{folder / ADAPTER_FILE} holds no LoRA factors")
+    return merged
+
+
+def organism_dir() -> Path:
+    from steering.default_model import steering_home
+
+    return steering_home() / "models" / ORGANISM_NAME
+
+
+def fetch_organism(force: bool = False) -> Path:
+    """The merged organism as a safetensors folder in the cache (built from the default model + the adapter once,
+    and again when the adapter changes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steering.default_model import fetch_default_model
+
+    folder = organism_dir()
+    digest = adapter_sha256()
+    stamp = folder / "adapter.sha256"
+    if not force and stamp.exists() and stamp.read_text().strip() == digest:
+        return folder
+    base = fetch_default_model()
+    log.warning("steering: merging the organism adapter into %s -> %s (once, a few seconds)", base.name, folder)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    merge_adapter(model)
+    model.config.name_or_path = ORGANISM_NAME
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    (tmp / "adapter.sha256").write_text(digest + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder

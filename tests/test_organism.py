@@ -1,0 +1,99 @@
+"""The model organism: the adapter merge is exact arithmetic, the frozen split holds, and the shipped organism
+shows a real compliance gap on held-out topics (the known positive every other result is checked against)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from steering.organism import ADAPTER_CONFIG, ADAPTER_FILE, adapter_dir, adapter_sha256, merge_adapter
+
+
+def tiny_llama():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def write_adapter(folder, model, r=4, alpha=8, modules=("q_proj", "down_proj"), seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in modules:
+            out_f, in_f = module.weight.shape
+            key = f"base_model.model.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=gen).to(torch.bfloat16)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=gen).to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / ADAPTER_FILE))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({"r": r, "lora_alpha": alpha, "target_modules": list(modules)}))
+    return tensors
+
+
+def test_merge_is_w_plus_b_a_alpha_over_r(tmp_path):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = write_adapter(tmp_path, model)
+    assert merge_adapter(model, tmp_path) == 4  # q_proj and down_proj in 2 layers
+    after = model.state_dict()
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        a = tensors[f"base_model.model.{name}.lora_A.weight"].float()
+        b = tensors[f"base_model.model.{name}.lora_B.weight"].float()
+        torch.testing.assert_close(after[f"{name}.weight"], before[f"{name}.weight"] + b @ a * (8 / 4))
+    untouched = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(after[untouched], before[untouched])
+
+
+def test_merge_refuses_an_adapter_for_another_model(tmp_path):
+    other = tiny_llama()
+    write_adapter(tmp_path, other)
+    import transformers as tf
+
+    wider = tf.LlamaForCausalLM(
+        tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="trained on another model"):
+        merge_adapter(wider, tmp_path)
+
+
+def test_shipped_adapter_is_small_bf16_and_hashed():
+    from safetensors import safe_open
+
+    folder = adapter_dir()
+    assert (folder / ADAPTER_FILE).stat().st_size < 5 * 2**20  # fits in git comfortably
+    with safe_open(str(folder / ADAPTER_FILE), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    assert dtypes == {torch.bfloat16}
+    assert len(adapter_sha256()) == 64
+
+
+def test_frozen_split_is_by_topic_and_matches_the_question_set():
+    from steering.experiments.organism.data import HELD_OUT_SET, load_split
+    from steering.questions import load_questions
+
+    train, held = load_split()
+    assert {q.topic for q in train}.isdisjoint({q.topic for q in held})
+    assert len(train) + len(held) == len(load_questions())
+    assert load_questions(HELD_OUT_SET) == held  # the packaged held-out set is a faithful copy
+
+
+@pytest.mark.slow
+def test_organism_shows_a_gap_on_held_out_questions():
+    from steering import load_model
+    from steering.gap import measure_gap
+    from steering.validity import chance_note
+
+    model = load_model("organism")
+    rows, stats = measure_gap(model, "informative", n=10, questions="organism_held_out", progress=False)
+    assert stats["n_questions"] == 10
+    assert stats["gap"] > 0.2 and stats["ci_low"] > 0, stats
+    assert chance_note(rows) == ""
