@@ -6,6 +6,7 @@ tensors ``direction.{layer + 1}`` float32 [d_model] (llama.cpp numbers control-v
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from .vectorset import VectorSet
 
 ARCH = "controlvector"
+DIRECTION = re.compile(r"direction\.([1-9][0-9]*)")  # N >= 1 in ASCII digits, no leading zeros
 
 
 def export_gguf(vectorset: VectorSet, path: str | Path, model_hint: str | None = None) -> Path:
@@ -49,10 +51,13 @@ def read_gguf(path: str | Path) -> tuple[dict[str, object], dict[int, np.ndarray
     meta = {key: _field(reader, key) for key in ("general.architecture", f"{ARCH}.model_hint", f"{ARCH}.layer_count")}
     vectors = {}
     for tensor in reader.tensors:
-        prefix, _, index = tensor.name.partition(".")
-        if prefix != "direction" or not index.isdigit() or int(index) < 1:
-            raise ValueError(f"{path}: unexpected tensor {tensor.name!r}; control vectors hold 'direction.N' (N >= 1)")
-        vectors[int(index) - 1] = np.array(tensor.data, dtype=np.float32).reshape(-1)
+        match = DIRECTION.fullmatch(tensor.name)
+        if match is None:
+            raise ValueError(
+                f"{path}: unexpected tensor {tensor.name!r}; control vectors hold 'direction.N' (N >= 1, ASCII digits, "
+                "no leading zeros)"
+            )
+        vectors[int(match.group(1)) - 1] = np.array(tensor.data, dtype=np.float32).reshape(-1)
     return meta, vectors
 
 
