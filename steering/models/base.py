@@ -82,6 +82,7 @@ class TextModel:
     """
 
     backend = "hf"
+    source = None  # what ``load_model`` loaded the model from (a folder, .gguf file or hub id); None: built in memory
     has_forward_pass = True  # ``model.model(...)`` runs a forward pass (the forced-choice scorer needs it)
     continuous_batching = False  # True: one call with many rows is cheaper than several small calls
 
