@@ -241,7 +241,7 @@ class VectorSet:
         ``direction.N``, N from 1; written by llama.cpp's cvector-generator, repeng or ``export_gguf``). The driver
         is the file name, the model its ``controlvector.model_hint``, ``dataset_sha256`` the file's own hash."""
         from .datasets import file_sha256
-        from .gguf_export import read_gguf
+        from .gguf_read import read_gguf
 
         path = Path(path)
         meta, directions = read_gguf(path)
