@@ -85,7 +85,7 @@ class Plan:
                     "per row (or a scalar)"
                 )
         touched = {spec: bool(mask.any()) for spec, mask in masks.items()}
-        if rows is None:
+        if rows is None and any(spec.mode is None for spec in masks):
             self._note_reach(masks, touched, positions)
         live = {id(iv) for iv in self._live if touched[iv.positions]}
         ops = {layer: [iv for iv in group if id(iv) in live] for layer, group in self.groups.items()}

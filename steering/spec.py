@@ -29,6 +29,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from steering.engine_args import check_engine_kwargs, numeric_engine_kwargs
 from steering.hooks import MODES
+from steering.hooks.intervention import MAX_ADDED
 from steering.scenario import CONDITIONS
 
 SCORERS = ("forced-choice", "judge")
@@ -52,7 +53,7 @@ OPERATIONAL_DEFAULTS: dict[str, Any] = {
 is unchanged; `identity` leaves them out always, except the `engine_kwargs` that change the numbers
 (`steering.engine_args.NUMERIC_ENGINE_KEYS`: quantization, kv_cache_dtype, ...). `trust_remote_code` is
 operational because the model's files (its code included) are hashed into the run's inputs."""
-MAX_COEFFICIENT = 1e6
+MAX_COEFFICIENT = MAX_ADDED
 """Largest |coefficient| a spec takes (``steering.hooks.intervention.MAX_ADDED``: beyond it, times any normalised
 vector, the model's activations overflow)."""
 INPUT_PATH_KEYS = ("vector", "dataset", "questions")

@@ -55,6 +55,8 @@ def load_model(
             f"tensor_parallel_size and engine arguments ({', '.join(engine_kwargs) or 'tensor_parallel_size'}) are "
             "for backend='vllm'; for several GPUs with transformers use device='auto'"
         )
+    if backend == "vllm":
+        _check_vllm_kwargs(engine_kwargs)
     name = str(model_id)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if name == "default":
@@ -73,8 +75,6 @@ def load_model(
         )
     else:
         source = name
-    if backend == "vllm":
-        _check_vllm_kwargs(engine_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if backend == "vllm":
         if "gguf_file" in kwargs:
