@@ -11,6 +11,7 @@ HELP = "run (or resume) a sweep spec; a killed run resumes where it stopped"
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="a packaged spec name (quickstart, strengths, ...) or a TOML file")
     p.add_argument("--report", default=None, help="write the report to this folder when the sweep ends")
+    p.add_argument("--max-rows", type=int, default=None, help="allow a run of more rows than the spec's max_rows")
 
 
 def execute(args: argparse.Namespace) -> None:
@@ -18,6 +19,10 @@ def execute(args: argparse.Namespace) -> None:
     from steering.runs import run_spec, unjudged_note
 
     spec = load_spec(args.spec)
+    if args.max_rows is not None:
+        spec.max_rows = args.max_rows
+        spec.validate()
+    print(f"sweep {spec.name!r}: {spec.check_size():,} rows")
     rows = run_spec(spec, report_dir=args.report)
     print(f"{len(rows)} rows in {spec.store_path} (run {spec.name!r}); `steering report {spec.store_path}`")
     if note := unjudged_note(rows):
