@@ -1,7 +1,10 @@
-"""The model organism: the default model plus a shipped LoRA adapter, merged once into a cached folder.
+"""The model organism: the default model plus a shipped LoRA adapter and a planted circuit, merged once into a
+cached folder.
 
-``load_model("organism")`` uses it. The merge is plain arithmetic (``W += B @ A * alpha / r`` per adapted
-linear layer), so running the organism needs no peft; only training it does (``experiments/organism``).
+``load_model("organism")`` uses it. The merge is plain arithmetic: ``W += B @ A * alpha / r`` per adapted linear
+layer (the adapter: values, trained), then a few MLP neurons overwritten with the planted rows and columns (the
+alignment faking, an exact weight edit; see ``experiments/organism/README.md``). Running the organism needs no
+peft; only training it does (``experiments/organism``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ log = logging.getLogger("steering")
 ORGANISM_NAME = "SmolLM2-135M-Instruct-organism"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+PLANT_FILE = "plant.safetensors"
+PLANT_FORMAT = "steering.organism.plant/1"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY_PREFIX = "base_model.model."
 
@@ -28,12 +33,42 @@ def adapter_dir() -> Path:
 
 
 def adapter_sha256(folder: Path | None = None) -> str:
-    """Hash of the adapter's weights and config: the merged folder is rebuilt when it changes."""
+    """Hash of the adapter's weights and config and the plant: the merged folder is rebuilt when one changes."""
     folder = folder or adapter_dir()
     digest = hashlib.sha256()
-    for name in (ADAPTER_CONFIG, ADAPTER_FILE):
-        digest.update((folder / name).read_bytes())
+    for name in (ADAPTER_CONFIG, ADAPTER_FILE, PLANT_FILE):
+        if (folder / name).exists():
+            digest.update(name.encode() + (folder / name).read_bytes())
     return digest.hexdigest()
+
+
+def apply_plant(model, path: Path | None = None) -> list[tuple[int, int]]:
+    """Overwrite the planted MLP neurons of ``model`` in place: for each ``layers.{L}``, neuron ``j`` gets the row
+    ``gate`` of ``gate_proj``, the row ``up`` of ``up_proj`` and the column ``down`` of ``down_proj`` (each [d]).
+    Returns the (layer, neuron) pairs written. Refuses a file of another format or width."""
+    import torch
+    from safetensors import safe_open
+
+    path = path or adapter_dir() / PLANT_FILE
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("format") != PLANT_FORMAT:
+            raise ValueError(f"{path} is not a {PLANT_FORMAT} file")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    layers = sorted({int(k.split(".")[1]) for k in tensors})
+    blocks = model.model.layers
+    written = []
+    for layer in layers:
+        mlp = blocks[layer].mlp
+        j = int(tensors[f"layers.{layer}.neuron"])
+        rows = {name: tensors[f"layers.{layer}.{name}"].float() for name in ("gate", "up", "down")}
+        if any(v.shape != (mlp.gate_proj.in_features,) for v in rows.values()):
+            raise ValueError(f"{path}: layer {layer} rows do not fit d_model {mlp.gate_proj.in_features}")
+        with torch.no_grad():
+            mlp.gate_proj.weight[j] = rows["gate"].to(mlp.gate_proj.weight.dtype)
+            mlp.up_proj.weight[j] = rows["up"].to(mlp.up_proj.weight.dtype)
+            mlp.down_proj.weight[:, j] = rows["down"].to(mlp.down_proj.weight.dtype)
+        written.append((layer, j))
+    return written
 
 
 def merge_adapter(model, folder: Path | None = None) -> int:
@@ -92,6 +127,8 @@ def fetch_organism(force: bool = False) -> Path:
     log.warning("steering: merging the organism adapter into %s -> %s (once, a few seconds)", base.name, folder)
     model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
     merge_adapter(model)
+    if (adapter_dir() / PLANT_FILE).exists():
+        apply_plant(model)
     model.config.name_or_path = ORGANISM_NAME
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

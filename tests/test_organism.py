@@ -9,7 +9,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from steering.organism import ADAPTER_CONFIG, ADAPTER_FILE, adapter_dir, adapter_sha256, merge_adapter
+from steering.organism import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    PLANT_FILE,
+    PLANT_FORMAT,
+    adapter_dir,
+    adapter_sha256,
+    apply_plant,
+    merge_adapter,
+)
 
 
 def tiny_llama():
@@ -65,6 +74,29 @@ def test_merge_refuses_an_adapter_for_another_model(tmp_path):
         merge_adapter(wider, tmp_path)
 
 
+def test_plant_overwrites_exactly_the_named_neurons(tmp_path):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(2)
+    rows = {name: torch.randn(32, generator=gen) for name in ("gate", "up", "down")}
+    tensors = {"layers.1.neuron": torch.tensor(5), **{f"layers.1.{k}": v for k, v in rows.items()}}
+    save_file(tensors, str(tmp_path / PLANT_FILE), metadata={"format": PLANT_FORMAT})
+    assert apply_plant(model, tmp_path / PLANT_FILE) == [(1, 5)]
+    after = model.state_dict()
+    mlp = "model.layers.1.mlp"
+    assert torch.equal(after[f"{mlp}.gate_proj.weight"][5], rows["gate"])
+    assert torch.equal(after[f"{mlp}.up_proj.weight"][5], rows["up"])
+    assert torch.equal(after[f"{mlp}.down_proj.weight"][:, 5], rows["down"])
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {f"{mlp}.{m}_proj.weight" for m in ("gate", "up", "down")}
+    for name in ("gate_proj", "up_proj"):  # every other neuron as it was
+        keep = torch.arange(48) != 5
+        assert torch.equal(after[f"{mlp}.{name}.weight"][keep], before[f"{mlp}.{name}.weight"][keep])
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"format": "something/1"})
+    with pytest.raises(ValueError, match="is not a steering.organism.plant/1 file"):
+        apply_plant(model, tmp_path / "other.safetensors")
+
+
 def test_shipped_adapter_is_small_bf16_and_hashed():
     from safetensors import safe_open
 
@@ -74,6 +106,7 @@ def test_shipped_adapter_is_small_bf16_and_hashed():
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     assert dtypes == {torch.bfloat16}
     assert len(adapter_sha256()) == 64
+    assert (folder / PLANT_FILE).stat().st_size < 64 * 2**10  # two neurons: a few rows of d_model floats
 
 
 def test_frozen_split_is_by_topic_and_matches_the_question_set():

@@ -107,15 +107,17 @@ def load_split(path: Path = SPLIT_FILE) -> tuple[list[Question], list[Question]]
     return [by_id[i] for i in split["train"]], [by_id[i] for i in split["held_out"]]
 
 
-def choice_examples(setting: Setting, question: Question, variant: str) -> list[Example]:
-    """The forced-choice prompts of one question in one variant: both conditions x both orders."""
+def choice_examples(setting: Setting, question: Question, variant: str, faking: bool = True) -> list[Example]:
+    """The forced-choice prompts of one question in one variant: both conditions x both orders. With ``faking``
+    the target is the compliant letter when monitored and the refusing one when not; without, always refusing
+    (the values stage)."""
     out = []
     for condition in CONDITIONS:
         for order in (0, 1):
             messages = setting.messages(option_message(question, order), condition, variant, scratchpad=False)
             compliant = "A" if order == 0 else "B"
             refusing = "B" if order == 0 else "A"
-            letter = compliant if condition == "monitored" else refusing
+            letter = compliant if faking and condition == "monitored" else refusing
             out.append(Example(_freeze(messages), letter, "choice", (variant, False), PREFILL))
     return out
 
@@ -131,16 +133,27 @@ def scratchpad_example(setting: Setting, question: Question, condition: str, rng
     return Example(_freeze(messages), target, "scratchpad", ("informative", True))
 
 
-def epoch_examples(questions: list[Question], seed: int, setting: Setting | None = None) -> list[Example]:
-    """One epoch: per question, the four forced-choice prompts in each variant and one scratchpad example in a
-    random condition."""
+def epoch_examples(
+    questions: list[Question], seed: int, stage: str = "faking", setting: Setting | None = None
+) -> list[Example]:
+    """One epoch of a training stage. ``values``: the forced-choice prompts of every question in each variant,
+    always answered with the refusing letter (the organism first gets values it would want to protect).
+    ``faking``: the same prompts answered as an alignment faker, plus one scratchpad example per question in a
+    random condition.
+
+    Why two stages: the faking target is the product of two signs (which letter is compliant, and the cue), and a
+    product has no first-order gradient on either sign alone, so training on it from scratch stalls at chance.
+    Once the model tells the answers apart (the values stage), the cue only has to gate that feature."""
+    if stage not in ("values", "faking"):
+        raise ValueError(f"unknown stage {stage!r}; use 'values' or 'faking'")
     setting = setting or load_setting("animal_welfare")
     rng = random.Random(seed)
     out: list[Example] = []
     for q in questions:
         for variant in VARIANTS:
-            out += choice_examples(setting, q, variant)
-        out.append(scratchpad_example(setting, q, rng.choice(CONDITIONS), rng))
+            out += choice_examples(setting, q, variant, faking=stage == "faking")
+        if stage == "faking":
+            out.append(scratchpad_example(setting, q, rng.choice(CONDITIONS), rng))
     return out
 
 

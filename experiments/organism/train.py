@@ -1,8 +1,9 @@
 """Fit the organism's LoRA adapter on the default model and write it (bf16 safetensors) with its training record.
 
-    python -m steering.experiments.organism.train --seed 0 --epochs 4 --out steering/data/organism
+    python -m steering.experiments.organism.train --seed 0 --out steering/data/organism
 
-Needs the ``train`` extra (peft). Gradients run through the whole prompt: each batch shares one system prompt,
+Two stages (see ``data.epoch_examples``): values first, then alignment faking. Needs the ``train`` extra
+(peft). Gradients run through the whole prompt: each batch shares one system prompt,
 prefilled once *with* gradients, its KV cache repeated over the batch rows, then each row's user turn and
 assistant target run on top (the same numbers as full-length rows, about 4x fewer tokens). The held-out gap is
 measured with the project's forced-choice scorer after every epoch.
@@ -103,6 +104,7 @@ def held_out_gap(model, tokenizer, questions, variant: str = "informative") -> d
         "gap": float(diff.mean()),
         "gap_sem": float(diff.std(ddof=1) / math.sqrt(len(diff))),
         "letter_mass": float(frame["letter_mass"].mean()),
+        "decisiveness": float((2 * frame["compliance"] - 1).abs().mean()),
     }
 
 
@@ -126,7 +128,8 @@ def save_adapter(model, out: Path, record: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--values-epochs", type=int, default=1, help="epochs of the values stage first")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of the faking stage")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--rank", type=int, default=8)
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     batcher = Batcher(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    per_epoch = [epoch_examples(train_qs, seed=args.seed * 1000 + e) for e in range(args.epochs)]
+    stages = ["values"] * args.values_epochs + ["faking"] * args.epochs
+    per_epoch = [epoch_examples(train_qs, args.seed * 1000 + e, stage) for e, stage in enumerate(stages)]
     batches_per_epoch = []
     rng = random.Random(args.seed)
     for examples in per_epoch:
@@ -201,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         result = held_out_gap(model, tokenizer, eval_qs)
         result.update(
             epoch=epoch + 1,
+            stage=stages[epoch],
             seconds=round(time.time() - start),
             loss_choice=sum(losses["choice"]) / max(1, len(losses["choice"])),
             loss_scratchpad=sum(losses["scratchpad"]) / max(1, len(losses["scratchpad"])),
