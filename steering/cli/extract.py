@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from steering.cli._backend import add_backend
+
 NAME = "extract"
 HELP = "extract one driver vector per layer from contrast pairs into a .safetensors file"
 
@@ -55,6 +57,7 @@ def format_quality(quality) -> str:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="hub id, local folder, .gguf file or 'default'")
+    add_backend(p)
     p.add_argument(
         "--driver", required=True, help="values, goal_guarding, sycophancy, or a data file (.jsonl/.json/.csv)"
     )
@@ -73,7 +76,7 @@ def execute(args: argparse.Namespace) -> None:
     from steering.vectors import extract, layer_quality
 
     name, pairs, test, sha = _dataset(args.driver, args.split, _columns(args.columns))
-    model = load_model(args.model)
+    model = load_model(args.model, backend=args.backend)
     vs = extract(
         model,
         pairs,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from steering.cli._backend import add_backend
 
 NAME = "run"
 HELP = "run (or resume) a sweep spec; a killed run resumes where it stopped"
@@ -11,6 +14,7 @@ HELP = "run (or resume) a sweep spec; a killed run resumes where it stopped"
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="a packaged spec name (quickstart, strengths, ...) or a TOML file")
     p.add_argument("--report", default=None, help="write the report to this folder when the sweep ends")
+    add_backend(p, from_spec=True)
 
 
 def execute(args: argparse.Namespace) -> None:
@@ -18,6 +22,8 @@ def execute(args: argparse.Namespace) -> None:
     from steering.runs import run_spec, unjudged_note
 
     spec = load_spec(args.spec)
+    if args.backend is not None and args.backend != spec.backend:
+        spec = dataclasses.replace(spec, backend=args.backend)  # validated again; a run with rows refuses a change
     rows = run_spec(spec, report_dir=args.report)
     print(f"{len(rows)} rows in {spec.store_path} (run {spec.name!r}); `steering report {spec.store_path}`")
     if note := unjudged_note(rows):
