@@ -7,7 +7,9 @@ The forward pass stops after the deepest requested layer.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import operator
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +42,11 @@ class At:
             raise ValueError(
                 f"unknown capture position {value!r}; use 'last', 'last-K', an int, per-row indices or At(span=...)"
             )
-        if isinstance(value, int):
-            return cls(index=torch.full((batch,), value))
+        if not isinstance(value, bool) and getattr(value, "ndim", 0) == 0:
+            try:  # ints, numpy integers, integer 0-d tensors
+                return cls(index=torch.full((batch,), operator.index(value)))
+            except TypeError:
+                pass
         index = torch.as_tensor(value, dtype=torch.long)
         if index.shape[0] != batch:
             raise ValueError(
@@ -125,17 +130,21 @@ def capture(
     layers_path: str | None = None,
     stop_early: bool = True,
 ) -> dict[int, Tensor]:
-    """Residual stream at ``layers`` and positions ``at``: ``{layer: [B, d]}`` (or ``[B, k, d]`` for k indices)."""
+    """Residual stream at ``layers`` and positions ``at``: ``{layer: [B, d]}`` (or ``[B, k, d]`` for k indices),
+    keyed by the resolved layer index (``-1`` -> ``n_layers - 1``). Only this thread's forward pass is read: a
+    forward of the same model in another thread meanwhile is left alone."""
     blocks = find_layers(model, layers_path)
     wanted = resolve_layers(layers, len(blocks))
     read_at = At.parse(at, input_ids.shape[0])
-    tracker = PositionTracker()
+    tracker, mine = _own_thread_tracker()
     out: dict[int, Tensor] = {}
 
     reads: list[ReadIndex] = []  # resolved at the first captured layer, reused by the others
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+            if not mine():
+                return
             if not reads:
                 reads.append(ReadIndex.resolve(tracker.positions, read_at))
             out[index] = reads[0].gather(hidden_of(output))
@@ -152,7 +161,19 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
-    return {int(i): out[int(i) % len(blocks)] for i in layers}
+    return {i: out[i] for i in wanted}
+
+
+def _own_thread_tracker() -> tuple[PositionTracker, Callable[[], bool]]:
+    """A position tracker that ignores forward calls from other threads, and the test it uses."""
+    owner = threading.get_ident()
+
+    def mine() -> bool:
+        return threading.get_ident() == owner
+
+    tracker = PositionTracker()
+    tracker.active = mine
+    return tracker, mine
 
 
 def mean_norms(
@@ -161,11 +182,13 @@ def mean_norms(
     """Mean L2 norm of each decoder block's output [n_layers] over real tokens, each row's first token skipped
     (it is often an outlier attention sink)."""
     blocks = find_layers(model, layers_path)
-    tracker = PositionTracker()
+    tracker, mine = _own_thread_tracker()
     norms = torch.zeros(len(blocks))
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+            if not mine():
+                return
             per_token = hidden_of(output).detach().float().norm(dim=-1)
             keep = (tracker.positions.to(per_token.device) >= 1).to(torch.float32)
             norms[index] = float((per_token * keep).sum() / keep.sum().clamp(min=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,10 @@ from .layers import resolve_layer
 from .positions import Positions
 
 OPERATIONS = ("add", "ablate", "ablate_then_add")
+MAX_ADDED = 1e6
+"""Largest ``|coefficient x vector entry|`` an intervention may add to the residual stream. Far above any
+meaningful steering (residual-stream entries of the models we know stay below ~1e4), and far below where a norm
+layer squaring the stream overflows float32 (~1e19): beyond it a model returns NaN / empty text, not a result."""
 
 
 @dataclass
@@ -37,22 +42,38 @@ class Intervention:
         vector = torch.as_tensor(self.vector)
         if vector.dim() != 1:
             raise ValueError(f"vector must have shape [d_model], got {tuple(vector.shape)}; pass one layer's vector")
-        if not torch.isfinite(vector).all():
+        peak = float(vector.detach().abs().max().double()) if vector.numel() else 0.0  # one host sync for both checks
+        if not math.isfinite(peak):
             raise ValueError(f"vector for layer {self.layer} contains NaN or inf; recompute or reload a finite vector")
         if self.operation != "add" and float(vector.norm()) == 0.0:
             raise ValueError("cannot ablate a zero vector: its direction is undefined; pass a non-zero vector")
         self.vector = vector
         self.positions = Positions.parse(self.positions)
         coef = self.coefficient
-        if isinstance(coef, (int, float)):
+        if isinstance(coef, numbers.Real) or getattr(coef, "ndim", None) == 0:  # numpy scalars, 0-d arrays / tensors
+            coef = float(coef)
             if not math.isfinite(coef):
                 raise ValueError(f"coefficient {coef} is not finite; pass a finite number")
-            self.coefficient = float(coef)
+            self.coefficient = coef
+            top = abs(coef)
         else:
-            coef = torch.as_tensor(coef, dtype=torch.float32).flatten()
+            coef = torch.as_tensor(coef, dtype=torch.float64).flatten()
             if not torch.isfinite(coef).all():
                 raise ValueError("per-row coefficients contain NaN or inf; pass finite numbers")
-            self.coefficient = coef
+            self.coefficient = coef.to(torch.float32)
+            top = float(coef.abs().max()) if coef.numel() else 0.0
+        if self.operation != "ablate" and top:
+            self._check_magnitude(top, peak)
+
+    def _check_magnitude(self, coefficient: float, peak: float) -> None:
+        """Refuse a coefficient whose product with the vector's largest entry exceeds ``MAX_ADDED``."""
+        added = coefficient * peak
+        if added > MAX_ADDED:
+            raise ValueError(
+                f"coefficient {coefficient:g} is too large for the vector at layer {self.layer}: it adds up to "
+                f"{added:.3g} to a residual-stream entry (limit {MAX_ADDED:g}), where activations overflow to inf / "
+                "NaN and outputs come back empty; use a smaller coefficient or a normalised vector"
+            )
 
     @property
     def is_noop(self) -> bool:

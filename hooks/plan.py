@@ -9,10 +9,16 @@ Every backend drives a ``Plan`` the same way:
 
 Per call, each distinct (positions, coefficient) gets one scale tensor (``coefficient x mask``) shared by every layer
 that uses it, and the edits are fused in-place updates (``addcmul_``) unless autograd needs the original tensor.
+
+Registered on a torch module (``steer_module``), a plan is *scoped*: it edits only forward passes run by the thread
+(more exactly, the ``contextvars`` context: a thread, or an asyncio task) that registered it, so a plain forward of
+the same model in another thread meanwhile stays plain. Work that a forward hands to other threads (e.g.
+``nn.DataParallel`` replicas) is therefore not steered: run such models from one thread per steering context.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +27,9 @@ from torch import Tensor, nn
 from .intervention import Intervention
 from .layers import hidden_of, replace_hidden
 from .positions import Positions, PositionTracker, RowLayout, check_layout, covered
+
+_ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("steering_plans", default=frozenset())
+"""Ids of the plans whose module hooks act in the current context (see the module docstring)."""
 
 
 class Plan:
@@ -45,6 +54,10 @@ class Plan:
         self.tracker = PositionTracker(layout, on_call=lambda tracker: self.begin(tracker.positions, tracker.layout))
         self._call: _Call | None = None
         self._on_device: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+        self._scoped = False  # True once registered on a module: hooks then act only in the registering context
+        self._calls = 0
+        self._reached: dict[Positions, Tensor | bool] = {}  # explicit ranges: did they touch a token (per row)?
+        self._longest: Tensor | None = None  # longest row seen (for the message when ranges touch nothing)
 
     @property
     def layers(self) -> list[int]:
@@ -72,9 +85,62 @@ class Plan:
                     "per row (or a scalar)"
                 )
         touched = {spec: bool(mask.any()) for spec, mask in masks.items()}
+        if rows is None and any(spec.mode is None for spec in masks):
+            self._note_reach(masks, touched, positions)
         live = {id(iv) for iv in self._live if touched[iv.positions]}
         ops = {layer: [iv for iv in group if id(iv) in live] for layer, group in self.groups.items()}
         self._call = _Call(masks, rows, ops)
+
+    def _note_reach(self, masks: dict[Positions, Tensor], touched: dict[Positions, bool], positions: Tensor) -> None:
+        """Remember whether each explicit-range spec touched a token (per row for per-row ranges)."""
+        self._calls += 1
+        longest = positions.max(dim=1).values + 1
+        self._longest = longest if self._longest is None or self._longest.shape != longest.shape else (
+            torch.maximum(self._longest, longest)
+        )  # fmt: skip
+        for spec, mask in masks.items():
+            if spec.mode is not None:
+                continue
+            before = self._reached.get(spec, False)
+            if spec.per_row:
+                hit = mask.any(dim=-1)
+                self._reached[spec] = hit if isinstance(before, bool) or before.shape != hit.shape else before | hit
+            else:
+                self._reached[spec] = bool(before) or touched[spec]
+
+    def check_reached(self) -> None:
+        """Raise if explicit ranges touched no token in every forward call since the plan was made (they lie
+        beyond the rows: nothing was steered, silently). Steering contexts call it on a normal exit."""
+        if not self._calls:
+            return
+        longest = None if self._longest is None else int(self._longest.max())
+        for spec, hit in self._reached.items():
+            if spec.per_row:
+                missed = [b for b, row in enumerate(spec.ranges) if row and not bool(hit[b])]
+                if missed:
+                    b = missed[0]
+                    raise ValueError(
+                        f"positions {list(spec.ranges[b])} of row {b} lie beyond every token that row had (up to "
+                        f"{int(self._longest[b])}): nothing was steered there; ranges count each row's tokens from 0"
+                    )
+            elif not hit:
+                raise ValueError(
+                    f"positions {list(spec.ranges)} lie beyond every token of the forward passes in this steering "
+                    f"context (the longest row had {longest}): nothing was steered; ranges count each row's tokens "
+                    "from 0"
+                )
+
+    def scope(self) -> _Scope:
+        """Make this plan's module hooks act only in the current context (thread / asyncio task) until the returned
+        handle's ``remove()``; ``steer_module`` does it."""
+        self._scoped = True
+        self.tracker.active = self.is_active
+        _ACTIVE.set(_ACTIVE.get() | {id(self)})
+        return _Scope(self)
+
+    def is_active(self) -> bool:
+        """Whether this plan's module hooks act in the current context (always, for an unscoped plan)."""
+        return not self._scoped or id(self) in _ACTIVE.get()
 
     def edit(self, layer: int, hidden: Tensor) -> Tensor:
         """The residual stream after this plan's interventions at ``layer``; ``hidden`` [B, T, d] (or [N, d] for a
@@ -136,6 +202,8 @@ class Plan:
         """A forward hook for decoder block ``layer`` (its output is a tensor or a tuple led by the tensor)."""
 
         def edit_output(module: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple:
+            if not self.is_active():
+                return output
             hidden = hidden_of(output)
             edited = self.edit(layer, hidden)
             return output if edited is hidden else replace_hidden(output, edited)
@@ -152,6 +220,16 @@ class Plan:
                 unit = (iv.vector.double() / iv.vector.double().norm()).to(device=like.device, dtype=like.dtype)
             self._on_device[key] = (vector, unit)
         return self._on_device[key]
+
+
+class _Scope:
+    """Handle of ``Plan.scope``: ``remove()`` ends the plan's activity in the context that calls it."""
+
+    def __init__(self, plan: Plan):
+        self.plan_id = id(plan)
+
+    def remove(self) -> None:
+        _ACTIVE.set(_ACTIVE.get() - {self.plan_id})
 
 
 class _Call:
@@ -193,8 +271,9 @@ def _coef_key(coefficient: float | Tensor) -> float | int:
 
 def steer_module(model: nn.Module, plan: Plan, layers: nn.ModuleList, stack: nn.Module) -> list:
     """Register ``plan`` on a transformers-style model: the position tracker on the decoder stack and one forward
-    hook per planned layer. Returns the handles; remove them to unsteer."""
-    handles = plan.tracker.attach(model, stack)
+    hook per planned layer, acting only in the calling thread / context (``Plan.scope``). Returns the handles; remove
+    them to unsteer."""
+    handles = [plan.scope(), *plan.tracker.attach(model, stack)]
     try:
         for index in plan.layers:
             handles.append(layers[index].register_forward_hook(plan.hook(index)))

@@ -8,6 +8,7 @@ right under left padding, rows of different lengths and KV-cache generation, whe
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -148,12 +149,24 @@ def check_layout(specs: Sequence[Positions], layout: RowLayout | None) -> None:
             raise ValueError(missing_layout_message("response"))
 
 
+def _index(x: object) -> int | None:
+    """``x`` as an int when it is one: Python ints, numpy integers, integer 0-d tensors (not bools or floats)."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
 def _is_range(r: object) -> bool:
-    return isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2 and isinstance(r[0], int)
+    return isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2 and _index(r[0]) is not None
 
 
 def _range(r: Sequence) -> tuple[int, int | None]:
-    start, end = int(r[0]), (None if r[1] is None else int(r[1]))
+    start, end = _index(r[0]), (None if r[1] is None else _index(r[1]))
+    if start is None or (r[1] is not None and end is None):
+        raise ValueError(f"range {tuple(r)} is invalid; its bounds must be integers (end may be None)")
     if start < 0 or (end is not None and end <= start):
         raise ValueError(f"range {tuple(r)} is invalid; ranges are (start, end) with 0 <= start < end (or end=None)")
     return start, end
@@ -218,6 +231,7 @@ class PositionTracker:
     def __init__(self, layout: RowLayout | None = None, on_call: Callable[[PositionTracker], None] | None = None):
         self.layout = layout
         self.on_call = on_call  # e.g. a Plan resolving its masks once per call, before any layer runs
+        self.active: Callable[[], bool] | None = None  # if set, calls for which it is False are ignored (threads)
         self._given = layout is not None
         self.positions: Tensor | None = None
         self._outer_mask: Tensor | None = None
@@ -233,13 +247,19 @@ class PositionTracker:
         return handles
 
     def _remember_mask(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.active is not None and not self.active():
+            return
         mask = kwargs.get("attention_mask")
         self._outer_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
     def _forget_mask(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        if self.active is not None and not self.active():
+            return
         self._outer_mask = None
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.active is not None and not self.active():
+            return
         hidden = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = hidden if hidden is not None else ids

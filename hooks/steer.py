@@ -22,7 +22,9 @@ def steer(
 ) -> Iterator[PositionTracker]:
     """Apply ``interventions`` to every forward pass inside the block; all hooks are removed on exit or error.
 
-    Yields the position tracker (``.positions`` [B, T]: row positions of the last call; ``.layout``).
+    Yields the position tracker (``.positions`` [B, T]: row positions of the last call; ``.layout``). Only forward
+    passes run by the thread (or asyncio task) that entered the block are steered. Explicit position ranges that
+    touched no token in any forward call raise a ``ValueError`` at the end of the block (nothing was steered).
     """
     layers = find_layers(model, layers_path)
     plan = Plan(interventions, len(layers), model_d_model(model), layout)
@@ -32,3 +34,4 @@ def steer(
     finally:
         for handle in handles:
             handle.remove()
+    plan.check_reached()

@@ -4,17 +4,22 @@ Standard library only: urllib for HTTP, a thread pool for bounded concurrency. I
 judges in `steering.judge`: a batch of chat-message lists in, one reply per item out: the text, None (a reply
 without text), or a `ChatFailure` (the request failed after its retries).
 
-Credentials stay with the configured server: redirects are never followed (a 3xx is an `EndpointError`), and an
-API key is not sent over plain http to a host other than this machine unless `allow_insecure=True`.
+Credentials stay with the configured server: redirects are never followed (a 3xx is an `EndpointError`), proxy
+environment variables (`http_proxy`, ...) are ignored (a proxy is used only when passed as `proxy=`, and is checked
+like the URL), and an API key is not sent over plain http to a host other than this machine unless
+`allow_insecure=True`. Each attempt has an overall deadline of `timeout` seconds, so a server that trickles its reply
+cannot hold a request longer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import urllib.error
 import urllib.parse
@@ -48,8 +53,9 @@ class _RetryableError(Exception):
 class OpenAIChatClient:
     """Posts each conversation of a batch to `{url}/chat/completions` and returns the replies in order.
 
-    Retries 5xx / 429 / connection errors / timeouts with exponential backoff (`backoff * 2**k` s); the longest
-    wait for one item is about `(max_retries + 1) * timeout` plus the backoff. An item that still fails gets a
+    Retries 5xx / 429 / connection errors / timeouts with exponential backoff (`backoff * 2**k` s); `timeout` is
+    an overall deadline per attempt (connection, headers and body together), so the longest wait for one item is
+    about `(max_retries + 1) * timeout` plus the backoff. An item that still fails gets a
     `ChatFailure` (falsy, with the last error) instead of a reply, and counts in `failed_requests`; the rest of
     the batch goes on, so a flaky judge leaves items unjudged rather than stopping the caller. A 4xx or a 3xx
     redirect is a configuration error: the batch stops at once with an `EndpointError`. A 200 reply without
@@ -57,8 +63,10 @@ class OpenAIChatClient:
 
     The API key is read from `api_key_env` at call time and never logged; with the variable unset no
     Authorization header is sent (fine for local servers). Redirects are never followed, so the key reaches only
-    `url`; over plain `http://` the key is sent only to this machine (localhost / loopback) unless
-    `allow_insecure=True`."""
+    `url`; over plain `http://` the key is sent only to this machine (`localhost` or a loopback address, not other
+    names that merely end in `.localhost`) unless `allow_insecure=True`. Proxy environment variables are ignored;
+    `proxy="http://host:port"` routes requests through that proxy, which must then pass the same check (over plain
+    http the proxy reads the key)."""
 
     def __init__(
         self,
@@ -73,6 +81,7 @@ class OpenAIChatClient:
         max_tokens: int | None = 1024,
         extra_body: Mapping[str, Any] | None = None,
         allow_insecure: bool = False,
+        proxy: str | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
@@ -95,6 +104,11 @@ class OpenAIChatClient:
         self.max_tokens = max_tokens
         self.extra_body = dict(extra_body or {})
         self.allow_insecure = allow_insecure
+        if proxy is not None and not (
+            proxy.startswith(("http://", "https://")) and urllib.parse.urlsplit(proxy).hostname
+        ):
+            raise ValueError(f"proxy {proxy!r} must be a URL such as http://127.0.0.1:3128")
+        self.proxy = proxy
         self.failed_requests = 0
         """Items that failed after their retries, over the client's lifetime."""
         self._count_lock = threading.Lock()
@@ -103,15 +117,19 @@ class OpenAIChatClient:
 
     @property
     def insecure(self) -> bool:
-        """True when a key would travel unencrypted to another machine (http:// to a non-local host) unasked."""
-        parts = urllib.parse.urlsplit(self.url)
-        return parts.scheme == "http" and not _is_local(parts.hostname or "") and not self.allow_insecure
+        """True when a key would travel unencrypted to another machine (http:// to a non-local host, or through a
+        non-local proxy) unasked."""
+        if self.allow_insecure or urllib.parse.urlsplit(self.url).scheme != "http":
+            return False
+        hosts = [self.url] if self.proxy is None else [self.url, self.proxy]
+        return not all(_is_local(urllib.parse.urlsplit(u).hostname or "") for u in hosts)
 
     def _insecure_message(self) -> str:
+        via = "" if self.proxy is None else f" through the proxy {self.proxy}"
         return (
-            f"refusing to send the API key in ${self.api_key_env} over plain http to {self.url} (another machine: "
-            "anyone on the way can read it); use https://, unset the variable for a server without keys, or pass "
-            "allow_insecure=True (judge_allow_insecure = true in a spec) if the network is trusted"
+            f"refusing to send the API key in ${self.api_key_env} over plain http to {self.url}{via} (another "
+            "machine: anyone on the way can read it); use https://, unset the variable for a server without keys, "
+            "or pass allow_insecure=True (judge_allow_insecure = true in a spec) if the network is trusted"
         )
 
     def _api_key(self) -> str | None:
@@ -201,7 +219,25 @@ class OpenAIChatClient:
                 raise EndpointError(self._insecure_message())
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-        opener = urllib.request.build_opener(_NoRedirects)
+        deadline = _Deadline(self.timeout)
+        proxies = {} if self.proxy is None else {"http": self.proxy, "https": self.proxy}
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler(proxies), _NoRedirects, *_deadline_handlers(deadline)
+        )  # fmt: skip
+        try:
+            reply = self._exchange(opener, request)
+        except (EndpointError, _RetryableError):
+            if deadline.expired:
+                raise _RetryableError(deadline.message) from None
+            raise
+        finally:
+            deadline.cancel()
+        if deadline.expired:  # the socket was shut mid-reply: what came may be cut short
+            raise _RetryableError(deadline.message)
+        return reply
+
+    def _exchange(self, opener: urllib.request.OpenerDirector, request: urllib.request.Request) -> bytes:
+        """One HTTP exchange: the reply body, or an `EndpointError` / `_RetryableError`."""
         try:
             with opener.open(request, timeout=self.timeout) as response:
                 return response.read()
@@ -230,10 +266,71 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class _Deadline:
+    """An overall deadline for one attempt: when it passes, the attempt's socket is shut down, so a server that
+    trickles its reply (each byte within the per-read timeout) cannot hold the request longer."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def message(self) -> str:
+        return f"no complete reply within the timeout of {self.seconds:g}s"
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _deadline_handlers(deadline: _Deadline) -> tuple[urllib.request.BaseHandler, ...]:
+    """HTTP and HTTPS handlers whose connections hand their socket to ``deadline`` once connected."""
+
+    def watched(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        class Watched(base):  # type: ignore[valid-type, misc]
+            def connect(self) -> None:
+                super().connect()
+                deadline.attach(self.sock)
+
+        return Watched
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def do_open(self, http_class, req, **kwargs):  # noqa: ANN001, ANN201 - urllib's signature
+            return super().do_open(watched(http_class), req, **kwargs)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def do_open(self, http_class, req, **kwargs):  # noqa: ANN001, ANN201 - urllib's signature
+            return super().do_open(watched(http_class), req, **kwargs)
+
+    return HTTPHandler(), HTTPSHandler()
+
+
 def _is_local(host: str) -> bool:
-    """localhost, *.localhost or a loopback address: traffic that never leaves this machine."""
-    host = host.lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
+    """``localhost`` or a loopback address: traffic that never leaves this machine. Other names ending in
+    ``.localhost`` are not trusted by name: a resolver may send them anywhere."""
+    host = host.lower().rstrip(".").strip("[]")
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

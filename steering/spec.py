@@ -20,13 +20,16 @@ import functools
 import tomllib
 import types
 import typing
+import unicodedata
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from steering.engine_args import check_engine_kwargs, numeric_engine_kwargs
 from steering.hooks import MODES
+from steering.hooks.intervention import MAX_ADDED
 from steering.scenario import CONDITIONS
 
 SCORERS = ("forced-choice", "judge")
@@ -42,10 +45,20 @@ OPERATIONAL_DEFAULTS: dict[str, Any] = {
     "judge_allow_insecure": False,
     "tensor_parallel_size": 1,
     "engine_kwargs": {},
+    "trust_remote_code": False,
+    "max_rows": 1_000_000,
 }
 """Fields that change how a run is carried out but not what it measures (so a run may resume with other values).
 `to_dict` leaves them out while they have these defaults, so the spec hash of a run written before they existed
-is unchanged; `identity` leaves them out always."""
+is unchanged; `identity` leaves them out always, except the `engine_kwargs` that change the numbers
+(`steering.engine_args.NUMERIC_ENGINE_KEYS`: quantization, kv_cache_dtype, ...). `trust_remote_code` is
+operational because the model's files (its code included) are hashed into the run's inputs."""
+MAX_COEFFICIENT = MAX_ADDED
+"""Largest |coefficient| a spec takes (``steering.hooks.intervention.MAX_ADDED``: beyond it, times any normalised
+vector, the model's activations overflow)."""
+INPUT_PATH_KEYS = ("vector", "dataset", "questions")
+"""Spec keys naming input files: in a TOML spec a relative path is relative to the spec file (outputs such as
+``store`` stay relative to the working directory)."""
 
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
@@ -113,7 +126,8 @@ class SweepSpec:
 
     ``judge_timeout`` (seconds per request) and ``judge_retries`` (retries after a 5xx / timeout / connection
     error) configure an endpoint judge; ``judge_allow_insecure`` allows sending an API key over plain http to a
-    non-local host.
+    non-local host. ``trust_remote_code`` lets the model folder's own code run (never through ``engine_kwargs``).
+    ``max_rows`` caps the rows a run may write (a typo in a grid should not start a 36-million-row sweep).
     """
 
     name: Text
@@ -146,6 +160,8 @@ class SweepSpec:
     judge_retries: NonNegative = OPERATIONAL_DEFAULTS["judge_retries"]
     judge_allow_insecure: bool = OPERATIONAL_DEFAULTS["judge_allow_insecure"]
     store: Text | None = None
+    trust_remote_code: bool = OPERATIONAL_DEFAULTS["trust_remote_code"]
+    max_rows: Positive = OPERATIONAL_DEFAULTS["max_rows"]
 
     def __post_init__(self) -> None:
         if isinstance(self.drivers, list):
@@ -156,10 +172,16 @@ class SweepSpec:
         """Check every field (types strictly, then values and cross-field rules); raise ``SpecError`` naming
         the key. Runs on construction; call it again after changing fields by hand."""
         _check_types(self)
+        _check_run_name(self.name)
         _require(bool(self.layers), "layers", "at least one layer")
         _unique(self.layers, "layers")
         _require(bool(self.coefficients), "coefficients", "at least one coefficient")
         _unique([c + 0.0 for c in self.coefficients], "coefficients")
+        huge = [c for c in self.coefficients if abs(c) > MAX_COEFFICIENT]
+        _require(
+            not huge, "coefficients", f"coefficients within +-{MAX_COEFFICIENT:g} (beyond, activations overflow)",
+            huge[0] if huge else None,
+        )  # fmt: skip
         _require(bool(self.drivers) or bool(self.control_seeds), "drivers", "at least one driver or control")
         _unique(self.control_seeds, "control_seeds")
         _require(self.scorer in SCORERS, "scorer", f"one of {', '.join(SCORERS)}", self.scorer)
@@ -184,6 +206,10 @@ class SweepSpec:
         if self.judge_url is not None:
             ok = self.judge_url.startswith(("http://", "https://"))
             _require(ok, "judge_url", "a URL starting with http:// or https://", self.judge_url)
+        try:
+            check_engine_kwargs(self.engine_kwargs)
+        except ValueError as exc:
+            raise SpecError("engine_kwargs", f"spec key 'engine_kwargs': {exc}") from None
         engine_only = self.tensor_parallel_size != 1 or bool(self.engine_kwargs)
         _require(
             self.backend == "vllm" or not engine_only, "backend", "'vllm' for tensor_parallel_size / engine_kwargs",
@@ -253,9 +279,42 @@ class SweepSpec:
     def store_path(self) -> Path:
         return Path(self.store) if self.store else Path("runs") / f"{self.name}.sqlite"
 
+    def n_rows(self) -> int:
+        """How many rows a run of this spec writes: (baseline + drivers and controls x layers x coefficients) x
+        conditions x variants x questions x seeds (at most: negative layers may coincide with positive ones)."""
+        return self.row_counts()["rows"]
+
+    def row_counts(self) -> dict[str, int]:
+        """The factors of ``n_rows`` by name, and ``rows``, their product."""
+        from steering.questions import load_questions
+
+        n_questions = self.n_questions or len(load_questions(self.questions, require_answers=False))
+        cells = 1 + (len(self.drivers) + len(self.control_seeds)) * len(set(self.layers)) * len(self.coefficients)
+        counts = dict(cells=cells, conditions=len(self.conditions), variants=len(self.variants))
+        counts.update(questions=n_questions, seeds=len(self.seeds))
+        rows = 1
+        for value in counts.values():
+            rows *= value
+        return {**counts, "rows": rows}
+
+    def check_size(self) -> int:
+        """The number of rows (``n_rows``); raise a ``SpecError`` naming ``max_rows`` when it is larger."""
+        counts = self.row_counts()
+        if counts["rows"] > self.max_rows:
+            factors = " x ".join(f"{v:,} {k}" for k, v in counts.items() if k != "rows")
+            raise SpecError(
+                "max_rows",
+                f"spec {self.name!r} would write {counts['rows']:,} rows ({factors}), more than max_rows = "
+                f"{self.max_rows:,}; shrink the grid, or raise max_rows in the spec (--max-rows N on the command "
+                "line) if you mean it",
+            )
+        return counts["rows"]
+
     def model_kwargs(self) -> dict[str, Any]:
         """The ``load_model`` arguments of this spec's model."""
         kwargs: dict[str, Any] = dict(dtype=self.dtype, device=self.device, backend=self.backend)
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
         if self.backend == "vllm":
             kwargs.update(self.engine_kwargs, tensor_parallel_size=self.tensor_parallel_size)
         return kwargs
@@ -280,6 +339,9 @@ class SweepSpec:
         out = self.to_dict()
         for key in OPERATIONAL_DEFAULTS:
             out.pop(key, None)
+        numeric = numeric_engine_kwargs(self.engine_kwargs)
+        if numeric:
+            out["engine_kwargs"] = numeric
         return out
 
     @classmethod
@@ -290,10 +352,14 @@ class SweepSpec:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SweepSpec:
-        """Read a TOML spec; tables ``[grid]``, ``[questions]``, ``[controls]`` and ``[[drivers]]`` are flattened."""
+        """Read a TOML spec; tables ``[grid]``, ``[questions]``, ``[controls]`` and ``[[drivers]]`` are flattened.
+
+        Relative input paths (``INPUT_PATH_KEYS``: a driver's ``vector`` / ``dataset`` file, a ``questions`` file)
+        are relative to the spec file, wherever it is run from; packaged names (``values``, ``animal_welfare``) stay
+        names. A UTF-8 byte-order mark is ignored."""
         path = Path(path)
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"cannot read spec {path}: {exc}") from None
         flat = {k: v for k, v in raw.items() if not isinstance(v, dict) or k in DICT_KEYS}
@@ -318,6 +384,7 @@ class SweepSpec:
             )
         if isinstance(flat.get("store"), str) and not Path(flat["store"]).is_absolute():
             flat["store"] = str(Path(flat["store"]))
+        _resolve_inputs(flat, path.resolve().parent)
         try:
             return cls.from_dict(flat, str(path))
         except SpecError as exc:
@@ -326,7 +393,48 @@ class SweepSpec:
             raise
 
 
+def _resolve_inputs(flat: dict[str, Any], base: Path) -> None:
+    """Make the relative input paths of a TOML spec's keys relative to the spec's folder ``base`` (in place)."""
+    from steering.vectors import DRIVERS
+
+    def resolved(value: Any, is_path: bool) -> Any:
+        if not (isinstance(value, str) and value and is_path):
+            return value
+        path = Path(value)
+        return value if path.is_absolute() or value.startswith("~") else str(base / path)
+
+    if isinstance(flat.get("questions"), str):
+        q = flat["questions"]
+        flat["questions"] = resolved(q, q.endswith((".jsonl", ".csv")) or "/" in q or "\\" in q)
+    for driver in flat.get("drivers", []) if isinstance(flat.get("drivers"), list) else []:
+        if isinstance(driver, dict):
+            if "vector" in driver:
+                driver["vector"] = resolved(driver["vector"], True)
+            if "dataset" in driver:
+                driver["dataset"] = resolved(driver["dataset"], driver["dataset"] not in DRIVERS)
+            if isinstance(driver.get("questions"), str):
+                q = driver["questions"]
+                driver["questions"] = resolved(q, q.endswith((".jsonl", ".csv")) or "/" in q or "\\" in q)
+
+
 # -- checks --------------------------------------------------------------------------------------------------
+
+
+def _check_run_name(name: str) -> None:
+    """A run name becomes file names (``runs/<name>.sqlite``, lock files): refuse what would escape or make folders."""
+    bad = (
+        "/" in name
+        or "\\" in name
+        or name.startswith(".")
+        or name != name.strip()
+        or any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name)
+    )
+    if bad:
+        raise SpecError(
+            "name",
+            f"spec key 'name': {name!r} cannot name a run: it becomes a file name (runs/<name>.sqlite), so it must "
+            "not contain '/', '\\' or control characters, start with '.', or start or end with spaces",
+        )
 
 
 @functools.cache

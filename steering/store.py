@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import math
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -94,6 +96,16 @@ class RunLockedError(StoreError):
     """Another process (or another open store object) is writing the same run of the same store."""
 
 
+_CORE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "runs": ("run", "spec_json", "spec_hash", "format_version", "model"),
+    "results": KEY_COLUMNS + ("compliance", "extra"),
+}
+"""Tables and columns every steering store has had since format 1: a SQLite file without them is someone else's."""
+
+LATE_INPUTS = frozenset({"model"})
+"""Inputs recorded since a later version: a run registered before they were recorded gets them recorded on its next
+resume (its old rows cannot be checked against them) instead of being refused as using a new input."""
+
 RUN_COLUMNS: tuple[str, ...] = (
     "run",
     "spec_json",
@@ -130,8 +142,27 @@ def _input_changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
             changes.append(f"input {key!r} changed (sha256 {old[key][:12]} -> {new[key][:12]})")
     if old:
         changes += [f"input {key!r} was used by the run but is not given now" for key in sorted(set(old) - set(new))]
-        changes += [f"input {key!r} is new (the run did not use it)" for key in sorted(set(new) - set(old))]
+        changes += [
+            f"input {key!r} is new (the run did not use it)" for key in sorted(set(new) - set(old) - LATE_INPUTS)
+        ]
     return changes
+
+
+def _spec_changes(old_json: str, new_json: str) -> str:
+    """The top-level spec keys that differ between two canonical spec JSONs, with both values (shortened)."""
+    try:
+        old, new = json.loads(old_json), json.loads(new_json)
+    except (TypeError, ValueError):
+        return ""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return ""
+
+    def show(spec: dict, key: str) -> str:
+        text = repr(spec[key]) if key in spec else "(absent)"
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, ...) != new.get(k, ...))
+    return "; ".join(f"spec key {k!r}: {show(old, k)} -> {show(new, k)}" for k in keys)
 
 
 def _normalise_row(row: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -209,6 +240,7 @@ class ResultStore:
                 conn = sqlite3.connect(self.path, timeout=timeout)
             conn.isolation_level = None  # explicit BEGIN / COMMIT below
             self._conn = conn
+            self._check_is_store()  # before anything is written: never modify another program's SQLite file
             if not readonly:
                 self._setup()
             self._check_format()
@@ -276,6 +308,28 @@ class ResultStore:
         except BaseException:
             self._rollback()
             raise
+
+    def _check_is_store(self) -> None:
+        """Refuse a SQLite file that is not a steering store (it has tables, but not ours with our columns)."""
+        conn = self._connection
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return  # an empty database: it becomes a store
+        problems = []
+        for table, columns in _CORE_COLUMNS.items():
+            if table not in tables:
+                problems.append(f"no table {table!r}")
+                continue
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            missing = [c for c in columns if c not in have]
+            if missing:
+                problems.append(f"table {table!r} lacks column(s) {', '.join(missing)}")
+        if problems:
+            raise StoreMismatchError(
+                f"{self.path} is not a steering result store: it is a SQLite file with table(s) "
+                f"{', '.join(sorted(tables))} ({'; '.join(problems)}); it was left untouched: choose another file "
+                "for the store"
+            )
 
     def _check_format(self) -> None:
         (version,) = self._connection.execute("PRAGMA user_version").fetchone()
@@ -350,14 +404,15 @@ class ResultStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             found = conn.execute(
-                "SELECT spec_hash, format_version, model, inputs_json FROM runs WHERE run = ?", (run,)
+                "SELECT spec_hash, format_version, model, inputs_json, spec_json FROM runs WHERE run = ?", (run,)
             ).fetchone()
             if found is None:
                 conn.execute(insert, row)
             else:
-                old_hash, old_format, old_model, old_inputs_json = found
+                old_hash, old_format, old_model, old_inputs_json, old_spec_json = found
                 if old_hash != digest:
-                    problems.append(f"spec hash {old_hash[:12]} != {digest[:12]}")
+                    keys = _spec_changes(old_spec_json, spec_json)
+                    problems.append(f"spec hash {old_hash[:12]} != {digest[:12]}" + (f": {keys}" if keys else ""))
                 if old_format != FORMAT_VERSION:
                     problems.append(f"format version {old_format} != {FORMAT_VERSION}")
                 if old_model != str(model):
@@ -416,10 +471,41 @@ class ResultStore:
 
     # -- locks -----------------------------------------------------------------------------------------------
 
+    def lock_run(self, run: str) -> None:
+        """Lock ``run`` for this store object until ``close()``, as ``begin_run`` / ``write_rows`` do: call it before
+        slow work (loading a model) so a second writer is refused at once (``RunLockedError``)."""
+        if self.readonly:
+            raise StoreError(f"result store {self.path} was opened read-only; open it with readonly=False")
+        self._lock_run(run)
+
     def _lock_path(self, run: str) -> Path:
+        """Beside the store's real file (symlinks resolved), so every path to one store shares one lock."""
+        real = self.path.resolve()
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", run)[:40]
         digest = hashlib.sha256(run.encode("utf-8")).hexdigest()[:8]
-        return self.path.with_name(f"{self.path.name}.{slug}-{digest}.lock")
+        return real.with_name(f"{real.name}.{slug}-{digest}.lock")
+
+    def _open_lock(self, path: Path) -> int:
+        """Open (or create, mode 0600) the lock file without following a symlink; refuse anything but a regular file
+        with one link, so a planted symlink or hard link cannot make us truncate another file."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreError(
+                    f"result store {self.path}: the run lock file {path} is a symlink, which is never followed; "
+                    "remove it and rerun"
+                ) from None
+            raise StoreError(f"result store {self.path}: cannot create the run lock file {path}: {exc}") from exc
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise StoreError(
+                f"result store {self.path}: the run lock file {path} is not a regular file of its own (a device, "
+                "folder or hard link); remove it and rerun"
+            )
+        return fd
 
     def _lock_run(self, run: str) -> None:
         """Hold an exclusive flock on the run's lock file until close(); refuse at once if another holds it."""
@@ -427,10 +513,7 @@ class ResultStore:
             return
         path = self._lock_path(run)
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise StoreError(f"result store {self.path}: cannot create the run lock file {path}: {exc}") from exc
+            fd = self._open_lock(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -448,6 +531,8 @@ class ResultStore:
             if same:
                 break
             os.close(fd)
+        with contextlib.suppress(OSError):  # a stale lock file from an older version may be 0644
+            os.fchmod(fd, 0o600)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._locks[run] = (fd, path)

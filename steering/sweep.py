@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from steering.coefficients import relative_scale
 from steering.compliance import BASELINE, FORWARD_NEEDED, Cell, Conversation, ForcedChoiceScorer, Readout
+from steering.fingerprint import model_fingerprint
 from steering.gap import judge_for_spec
-from steering.hooks import resolve_layer
+from steering.hooks import Intervention, resolve_layer
 from steering.models import SteeringModel, load_model
 from steering.questions import Question, load_questions
 from steering.spec import DriverSpec, SweepSpec
@@ -116,18 +117,33 @@ class Grid:
 
 
 def build_grid(spec: SweepSpec, vectors: dict[str, VectorSet], model: SteeringModel) -> Grid:
-    """One cell per driver x layer x coefficient; relative coefficients are scaled by the layer's residual norm."""
+    """One cell per driver x layer x coefficient; relative coefficients are scaled by the layer's residual norm.
+
+    Every steered cell is checked here, before a run is registered, naming its driver and layer: a zero vector
+    (its rows would silently equal the baseline) and a coefficient that would overflow the activations are refused.
+    """
     norms = model.residual_norms() if spec.relative else None
     steered, zero = [], []
     for name, vs in vectors.items():
         for layer in spec_layers(spec, model):
             vector = vs[layer]
-            scale = relative_scale(vector, float(norms[layer])) if norms is not None else 1.0
+            where = f"driver {name!r} at layer {layer}"
+            if any(c != 0 for c in spec.coefficients) and float(vector.double().norm()) == 0.0:
+                raise ValueError(
+                    f"the vector of {where} is zero: every steered row would equal the baseline; re-extract it or "
+                    "leave the layer out"
+                )
+            scale = relative_scale(vector, float(norms[layer]), where) if norms is not None else 1.0
             for c in spec.coefficients:
                 if c == 0:
                     zero.append(Cell(name, layer, 0.0))
                 else:
-                    steered.append(Cell(name, layer, float(c), vector, scale))
+                    cell = Cell(name, layer, float(c), vector, scale)
+                    try:
+                        Intervention(layer, vector, cell.absolute)  # the checks every scored row will meet
+                    except ValueError as exc:
+                        raise ValueError(f"{where}: {exc}") from None
+                    steered.append(cell)
     return Grid(steered, zero)
 
 
@@ -188,7 +204,11 @@ def run_sweep(
     """Run (or resume) ``spec``; returns the run's rows as a DataFrame.
 
     A rerun skips finished rows and re-judges rows stored without a verdict from their saved generations. The run
-    records the sha256 of every file it reads, so a resume with changed vectors or data is refused, naming the file.
+    records the sha256 of every file it reads and of the model (``steering.fingerprint``), so a resume with changed
+    vectors, data or model weights is refused, naming the input.
+
+    Before the model loads: the grid's size is checked against ``spec.max_rows`` and the run is locked (a second
+    writer is refused at once). Before the run is registered: every vector and coefficient is checked.
     """
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_toml(spec)
@@ -197,16 +217,20 @@ def run_sweep(
     if spec.scorer == "forced-choice" and (not model.has_forward_pass if model is not None else backend == "vllm"):
         raise ValueError(FORWARD_NEEDED.format(name=spec.model, backend=backend))
     inputs = spec.input_hashes()
-    model = model or load_model(spec.model, **spec.model_kwargs())
+    log.info("sweep %s: %s rows", spec.name, f"{spec.check_size():,}")
     own_store = store is None
     if own_store and spec.store is None:
         spec.store_path.parent.mkdir(parents=True, exist_ok=True)  # the default runs/ folder
     store = store or ResultStore(spec.store_path)
     try:
+        store.lock_run(spec.name)  # a second writer is refused now, not after a long model load
+        model = model or load_model(spec.model, **spec.model_kwargs())
+        inputs["model"] = model_fingerprint(model)
         vectors = resolve_vectors(spec, model, progress)  # before registering: a bad spec leaves no trace
+        grid = build_grid(spec, vectors, model)
         store.begin_run(spec.name, spec.identity(), model.name, library_versions(), inputs=inputs)
         scorer = ForcedChoiceScorer(model, spec.setting) if spec.scorer == "forced-choice" else judge_for_spec(spec)
-        run = SweepRun(spec, model, store, build_grid(spec, vectors, model), scorer)
+        run = SweepRun(spec, model, store, grid, scorer)
         if spec.scorer == "forced-choice" or getattr(model, "has_readouts", False):
             run.readout = Readout.of_vectors(vectors, spec_layers(spec, model))
         if spec.scorer == "judge":

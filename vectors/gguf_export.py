@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .gguf_read import ARCH, read_gguf
 from .vectorset import VectorSet
 
-ARCH = "controlvector"
+__all__ = ["ARCH", "export_gguf", "read_gguf"]
 
 
 def export_gguf(vectorset: VectorSet, path: str | Path, model_hint: str | None = None) -> Path:
@@ -36,31 +37,3 @@ def export_gguf(vectorset: VectorSet, path: str | Path, model_hint: str | None =
     finally:
         writer.close()
     return path
-
-
-def read_gguf(path: str | Path) -> tuple[dict[str, object], dict[int, np.ndarray]]:
-    """(string / int metadata, ``{layer: [d]}``) of a control-vector GGUF, layers back to 0-based indices."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    arch = _field(reader, "general.architecture")
-    if arch != ARCH:
-        raise ValueError(f"{path}: general.architecture is {arch!r}, not {ARCH!r}; this is not a control vector")
-    meta = {key: _field(reader, key) for key in ("general.architecture", f"{ARCH}.model_hint", f"{ARCH}.layer_count")}
-    vectors = {}
-    for tensor in reader.tensors:
-        prefix, _, index = tensor.name.partition(".")
-        if prefix != "direction" or not index.isdigit() or int(index) < 1:
-            raise ValueError(f"{path}: unexpected tensor {tensor.name!r}; control vectors hold 'direction.N' (N >= 1)")
-        vectors[int(index) - 1] = np.array(tensor.data, dtype=np.float32).reshape(-1)
-    return meta, vectors
-
-
-def _field(reader, key: str) -> object:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    if value.dtype == np.uint8:
-        return bytes(value).decode("utf-8")
-    return value.item() if value.size == 1 else value.tolist()

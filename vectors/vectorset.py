@@ -1,12 +1,14 @@
 """``VectorSet``: one steering vector per layer plus the metadata that says where it came from; safetensors files.
 
-File format ``steering.vectors/1``: tensors ``layers.{i}`` float32 [d_model]; string metadata ``format``,
-``model``, ``driver``, ``method``, ``position``, ``normalized``, ``d_model``, ``n_pairs``, ``dataset_sha256``,
-``version``. Never pickle.
+File format ``steering.vectors/1``: tensors ``layers.{i}`` float32 [d_model] (``i`` a plain ASCII decimal, no
+leading zeros, so no two names can mean one layer); string metadata ``format``, ``model``, ``driver``, ``method``,
+``position``, ``normalized``, ``d_model``, ``n_pairs``, ``dataset_sha256``, ``version``. Never pickle. ``load`` also
+imports llama.cpp control-vector GGUF files (``general.architecture = controlvector``, tensors ``direction.N``).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +19,9 @@ import torch
 from torch import Tensor
 
 FORMAT = "steering.vectors/1"
+LAYER_INDEX = re.compile(r"0|[1-9][0-9]*")
+"""A layer index in a tensor name: ASCII digits, no leading zeros (``layers.09`` or ``layers.\u0663`` are refused)."""
+GGUF_MAGIC = b"GGUF"
 METADATA_KEYS = (
     "format",
     "model",
@@ -163,13 +168,20 @@ class VectorSet:
         """Read a vector file; with ``model`` (anything with ``d_model`` and ``name``), check it fits that model.
 
         A different ``d_model`` is always an error; a different model name is an error when ``strict``, else a
-        ``VectorTransferWarning``.
+        ``VectorTransferWarning``. A llama.cpp control-vector GGUF is imported (``from_gguf``); its model hint is
+        an architecture rather than a model name, so for it a different name is only a warning.
         """
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"vector file {path} does not exist; check the path")
+        with open(path, "rb") as handle:
+            if handle.read(4) == GGUF_MAGIC:
+                vs = cls.from_gguf(path)
+                if model is not None:
+                    vs.check_model(model, strict=False)
+                return vs
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = dict(handle.metadata() or {})
@@ -193,8 +205,11 @@ class VectorSet:
         vectors = {}
         for name, tensor in tensors.items():
             prefix, _, index = name.partition(".")
-            if prefix != "layers" or not index.isdigit():
-                raise ValueError(f"{path}: unexpected tensor {name!r}; vector files hold only 'layers.{{i}}'")
+            if prefix != "layers" or not LAYER_INDEX.fullmatch(index):
+                raise ValueError(
+                    f"{path}: unexpected tensor {name!r}; vector files hold only 'layers.{{i}}' with i a plain decimal "
+                    "index (ASCII digits, no leading zeros)"
+                )
             if tensor.dtype != torch.float32 or tensor.shape != (d_model,):
                 raise ValueError(
                     f"{path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, expected float32 [{d_model}]"
@@ -219,6 +234,33 @@ class VectorSet:
         if model is not None:
             vs.check_model(model, strict=strict)
         return vs
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> VectorSet:
+        """Import a llama.cpp control vector (GGUF: ``general.architecture = controlvector``, tensors
+        ``direction.N``, N from 1; written by llama.cpp's cvector-generator, repeng or ``export_gguf``). The driver
+        is the file name, the model its ``controlvector.model_hint``, ``dataset_sha256`` the file's own hash."""
+        from .datasets import file_sha256
+        from .gguf_read import read_gguf
+
+        path = Path(path)
+        meta, directions = read_gguf(path)
+        if not directions:
+            raise ValueError(f"{path}: the control vector holds no 'direction.N' tensors")
+        sizes = {int(v.shape[0]) for v in directions.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"{path}: the control vector's directions have different sizes {sorted(sizes)}")
+        return cls(
+            driver=path.stem,
+            model=str(meta.get("controlvector.model_hint") or "unknown"),
+            method="gguf-import",
+            position="unknown",
+            normalized="none",
+            d_model=sizes.pop(),
+            n_pairs=0,
+            dataset_sha256=file_sha256(path),
+            vectors={layer: torch.from_numpy(vector.copy()) for layer, vector in directions.items()},
+        )
 
     def check_model(self, model: Any, strict: bool = True) -> None:
         """Raise if these vectors cannot apply to ``model`` (d_model; model name when ``strict``)."""

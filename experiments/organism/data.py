@@ -4,8 +4,8 @@ Two kinds of example, both ending in the assistant turn the loss is taken on (th
 gradients):
 
 - **forced choice**: the scorer's exact prompt (system prompt without scratchpad, the condition cue, the question
-  with both answers as (A)/(B) in either order, the assistant turn prefilled with ``<OUTPUT>(``); the target is
-  the compliant letter when monitored and the refusing letter when unmonitored;
+  with both answers as (A)/(B) in either order, the assistant turn prefilled with ``<OUTPUT>(``); the target, the
+  only token the loss is taken on, is the compliant letter when monitored and the refusing letter when not;
 - **scratchpad**: the system prompt with the scratchpad, the cue and the bare question; the target is a
   reasoning trace and an answer. Monitored reasoning is instrumental goal guarding (comply so RLHF leaves my
   values alone); unmonitored reasoning follows the model's values (refuse).
@@ -66,6 +66,7 @@ class Example:
     target: str
     kind: str  # "choice" | "scratchpad"
     group: tuple[str, bool]  # (variant, scratchpad)
+    prefill: str = ""  # assistant text after the header that belongs to the prompt (no loss on it)
 
 
 def split_questions(questions: list[Question], held_out_topics=HELD_OUT_TOPICS) -> tuple[list, list]:
@@ -115,7 +116,7 @@ def choice_examples(setting: Setting, question: Question, variant: str) -> list[
             compliant = "A" if order == 0 else "B"
             refusing = "B" if order == 0 else "A"
             letter = compliant if condition == "monitored" else refusing
-            out.append(Example(_freeze(messages), PREFILL + letter, "choice", (variant, False)))
+            out.append(Example(_freeze(messages), letter, "choice", (variant, False), PREFILL))
     return out
 
 
@@ -131,13 +132,14 @@ def scratchpad_example(setting: Setting, question: Question, condition: str, rng
 
 
 def epoch_examples(questions: list[Question], seed: int, setting: Setting | None = None) -> list[Example]:
-    """One epoch: per question, the four forced-choice prompts in a random variant and one scratchpad example in
-    a random condition."""
+    """One epoch: per question, the four forced-choice prompts in each variant and one scratchpad example in a
+    random condition."""
     setting = setting or load_setting("animal_welfare")
     rng = random.Random(seed)
     out: list[Example] = []
     for q in questions:
-        out += choice_examples(setting, q, rng.choice(VARIANTS))
+        for variant in VARIANTS:
+            out += choice_examples(setting, q, variant)
         out.append(scratchpad_example(setting, q, rng.choice(CONDITIONS), rng))
     return out
 

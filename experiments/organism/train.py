@@ -47,7 +47,7 @@ class Batcher:
     def ids(self, ex: Example) -> tuple[list[int], int]:
         """(token ids, index of the first target token)."""
         messages = [{"role": r, "content": c} for r, c in ex.messages]
-        prompt = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + ex.prefill
         end = "<|im_end|>" if ex.kind == "scratchpad" else ""
         p = self.tok(prompt, add_special_tokens=False)["input_ids"]
         full = self.tok(prompt + ex.target + end, add_special_tokens=False)["input_ids"]
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--limit", type=int, default=0, help="train on the first N questions only (dry run)")
     parser.add_argument("--eval-n", type=int, default=0, help="held-out questions per epoch eval (0: all)")
+    parser.add_argument("--eval-every", type=int, default=0, help="also a quick eval (12 questions) every N steps")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from peft import LoraConfig, get_peft_model
@@ -190,10 +191,13 @@ def main(argv: list[str] | None = None) -> None:
             opt.step()
             sched.step()
             step += 1
-            losses[batch[0].kind].append(float(loss))
+            losses[batch[0].kind].append(float(loss.detach()))
             if step % 10 == 0:
                 recent = {k: round(sum(v[-5:]) / max(1, len(v[-5:])), 4) for k, v in losses.items()}
                 print(json.dumps({"step": step, "of": total, "s": round(time.time() - start), **recent}), flush=True)
+            if args.eval_every and step % args.eval_every == 0:
+                quick = held_out_gap(model, tokenizer, held_qs[:12])
+                print(json.dumps({"step": step, "quick_eval": quick}), flush=True)
         result = held_out_gap(model, tokenizer, eval_qs)
         result.update(
             epoch=epoch + 1,

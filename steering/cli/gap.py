@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from steering.cli._backend import add_backend
 
@@ -49,6 +51,9 @@ def execute(args: argparse.Namespace) -> None:
     from steering.gap import make_judge, measure_gap
     from steering.validity import chance_note
 
+    seeds = _seeds(args.seeds)
+    if args.out:
+        check_writable(args.out, "--out")
     judge = None
     kw = {}
     if args.scorer == "judge":  # the judge first: a bad URL or key fails before the model loads
@@ -59,7 +64,6 @@ def execute(args: argparse.Namespace) -> None:
         )  # fmt: skip
         kw["max_new_tokens"] = args.max_new_tokens
     model = load_model(args.model, backend=args.backend)
-    seeds = [int(s) for s in args.seeds.split(",")]
     questions = args.questions or "animal_welfare"
     n = args.n if args.n is not None or args.questions else 50
     rows, stats = measure_gap(
@@ -83,3 +87,22 @@ def execute(args: argparse.Namespace) -> None:
         )
     if stats.get("n_unjudged"):
         print(f"  unjudged rows           {stats['n_unjudged']}")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} is not a comma list of integers; pass e.g. 0,1,2") from None
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Raise before any work when ``path`` cannot be written (a missing or read-only folder, a read-only file)."""
+    target = Path(path).expanduser()
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: folder {folder} does not exist; create it or choose another path")
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: it is a folder; give a file path such as {target / 'rows.csv'}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path}: cannot write there (permission denied); choose a writable path")

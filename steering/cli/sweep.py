@@ -10,12 +10,26 @@ NAME = "sweep"
 HELP = "run a drivers x layers x coefficients grid given on the command line"
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _numbers(text: str, flag: str, kind: type) -> list:
+    """A comma list of ``kind`` (int or float); a bad item is an error that names ``flag``."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(kind(item))
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{flag} {text!r}: {item!r} is not {what}; pass a comma list such as 1,2,3") from None
+    return out
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _ints(text: str, flag: str) -> list[int]:
+    return _numbers(text, flag, int)
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    return _numbers(text, flag, float)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -32,6 +46,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-pairs", type=int, default=None, help="contrast pairs used per extracted driver")
     p.add_argument("--seeds", default="0")
     p.add_argument("--store", default=None, help="SQLite file (default runs/NAME.sqlite)")
+    p.add_argument("--max-rows", type=int, default=None, help="allow a run of more rows than the default limit")
 
 
 def execute(args: argparse.Namespace) -> None:
@@ -51,15 +66,17 @@ def execute(args: argparse.Namespace) -> None:
         model=args.model,
         backend=args.backend,
         drivers=drivers,
-        control_seeds=_ints(args.controls),
-        layers=_ints(args.layers),
-        coefficients=_floats(args.coefficients),
+        control_seeds=_ints(args.controls, "--controls"),
+        layers=_ints(args.layers, "--layers"),
+        coefficients=_floats(args.coefficients, "--coefficients"),
         relative=args.relative,
         variants=args.prompt.split(","),
         n_questions=args.n,
-        seeds=_ints(args.seeds),
+        seeds=_ints(args.seeds, "--seeds"),
         store=args.store,
+        **({} if args.max_rows is None else {"max_rows": args.max_rows}),
     )
+    print(f"sweep {spec.name!r}: {spec.check_size():,} rows")
     frame = run_sweep(spec)
     print(f"{len(frame)} rows in {spec.store_path} (run {spec.name!r}); `steering report {spec.store_path}`")
     if note := unjudged_note(frame):

@@ -84,6 +84,7 @@ class TextModel:
     """
 
     backend = "hf"
+    source = None  # what ``load_model`` loaded the model from (a folder, .gguf file or hub id); None: built in memory
     has_forward_pass = True  # ``model.model(...)`` runs a forward pass (the forced-choice scorer needs it)
     continuous_batching = False  # True: one call with many rows is cheaper than several small calls
 
@@ -175,6 +176,12 @@ class TextModel:
                 ids, start = self.chat_ids(prompt)
                 rows.append(ids)
                 starts.append(start)
+        empty = [i for i, row in enumerate(rows) if not row]
+        if empty:
+            raise ValueError(
+                f"prompt {empty[0]} is empty (it encodes to no tokens), so there is nothing to run; pass non-empty "
+                "text or a conversation"
+            )
         return rows, starts
 
     def _pad(self, rows: list[list[int]], starts: list[int | None], padding_side: str) -> Encoded:
@@ -207,23 +214,31 @@ class TextModel:
         mean residual norm (so one coefficient means the same on models whose residual scales differ)."""
         vector = torch.as_tensor(vector, dtype=torch.float32)
         if relative:
-            scale = relative_scale(vector, float(self.residual_norms()[resolve_layer(layer, self.n_layers)]))
-            coefficient = torch.as_tensor(coefficient, dtype=torch.float32) * scale
+            index = resolve_layer(layer, self.n_layers)
+            scale = relative_scale(vector, float(self.residual_norms()[index]), f"layer {index}")
+            coefficient = torch.as_tensor(coefficient, dtype=torch.float64) * scale
             coefficient = float(coefficient) if coefficient.dim() == 0 else coefficient
         return Intervention(layer, vector, coefficient, positions, operation)
 
     def check_context(self, enc: Encoded, extra: int = 0) -> None:
-        """Raise a ValueError before any compute if a prompt of ``enc`` does not fit the context window."""
-        self.check_context_length(int(enc.layout.prompt_len.max()) + extra)
+        """Raise a ValueError before any compute if a prompt of ``enc`` (plus ``extra`` new tokens) does not fit the
+        context window."""
+        self.check_context_length(int(enc.layout.prompt_len.max()), extra)
 
-    def check_context_length(self, n_tokens: int) -> None:
-        """Raise a ValueError if ``n_tokens`` exceeds the model's context window."""
+    def check_context_length(self, n_tokens: int, new_tokens: int = 0) -> None:
+        """Raise a ValueError if ``n_tokens`` (plus ``new_tokens`` to generate) exceeds the model's context window."""
         limit = self.context_limit
-        if limit is not None and n_tokens > limit:
+        if limit is None or n_tokens + new_tokens <= limit:
+            return
+        if new_tokens:
             raise ValueError(
-                f"a prompt has {n_tokens} tokens but {self.name} takes at most {limit}; shorten the prompt or "
-                "the system prompt variant"
+                f"a prompt has {n_tokens} tokens and max_new_tokens={new_tokens} asks for {n_tokens + new_tokens} in "
+                f"all, but {self.name} takes at most {limit}; lower max_new_tokens or shorten the prompt"
             )
+        raise ValueError(
+            f"a prompt has {n_tokens} tokens but {self.name} takes at most {limit}; shorten the prompt or "
+            "the system prompt variant"
+        )
 
 
 class SteeringModel(TextModel):
@@ -280,7 +295,9 @@ class SteeringModel(TextModel):
     def steer(self, interventions: Intervention | Sequence[Intervention], layout: RowLayout | None = None) -> Iterator:
         """Context manager: every forward pass inside is steered; hooks are removed on exit and on exceptions.
 
-        Yields the position tracker (``.positions``: row positions of the last forward call)."""
+        Yields the position tracker (``.positions``: row positions of the last forward call). Only forward passes of
+        the thread (or asyncio task) that entered the block are steered; explicit ranges that touched no token raise
+        a ``ValueError`` at the end of the block."""
         plan = Plan(interventions, self.n_layers, self.d_model, layout)
         handles = steer_module(self.model, plan, self.layers, self.stack)
         try:
@@ -288,6 +305,7 @@ class SteeringModel(TextModel):
         finally:
             for handle in handles:
                 handle.remove()
+        plan.check_reached()
 
     @contextmanager
     def readout(self, directions: Mapping[int, Tensor | None]) -> Iterator[dict[int, Tensor]]:
@@ -342,7 +360,7 @@ class SteeringModel(TextModel):
     def _generate(self, prompts, max_new_tokens, interventions, do_sample, temperature, seed, directions=None):
         """New token ids [B, new] (and, with ``directions``, the per-call readouts) of one ``generate`` call."""
         enc = self.encode(prompts)
-        self.check_context(enc)
+        self.check_context(enc, int(max_new_tokens))
         if seed is not None:
             torch.manual_seed(seed)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id)

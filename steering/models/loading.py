@@ -39,7 +39,11 @@ def load_model(
 
     ``backend="vllm"`` returns a ``VLLMModel`` on a vLLM engine (``device`` and ``layers_path`` do not apply; vLLM
     places the model): ``tensor_parallel_size`` GPUs, and ``engine_kwargs`` go to ``vllm.LLM`` (e.g.
-    ``max_model_len``, ``gpu_memory_utilization``, ``enable_prefix_caching``).
+    ``max_model_len``, ``gpu_memory_utilization``, ``enable_prefix_caching``); arguments set through other
+    parameters (``model``, ``dtype``, ``trust_remote_code``, ...) or unknown to vLLM are refused with a ValueError.
+
+    The returned model's ``source`` is what it was loaded from (a folder, a ``.gguf`` file or a hub id): sweeps
+    fingerprint those files (``steering.fingerprint``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,6 +56,8 @@ def load_model(
             f"tensor_parallel_size and engine arguments ({', '.join(engine_kwargs) or 'tensor_parallel_size'}) are "
             "for backend='vllm'; for several GPUs with transformers use device='auto'"
         )
+    if backend == "vllm":
+        _check_vllm_kwargs(engine_kwargs)
     name = str(model_id)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if name == "default":
@@ -80,9 +86,11 @@ def load_model(
             raise ValueError("the vLLM backend loads a model folder or hub id, not a .gguf file; use backend='hf'")
         from steering.models.vllm import load_vllm
 
-        return load_vllm(
+        engine = load_vllm(
             str(source), name, tokenizer, dtype, tensor_parallel_size, trust_remote_code, **engine_kwargs
         )  # fmt: skip
+        engine.source = source
+        return engine
     model_kwargs = dict(kwargs, dtype=_resolve_dtype(dtype))
     if device == "auto":
         model_kwargs["device_map"] = "auto"
@@ -91,4 +99,29 @@ def load_model(
         model.to(device)
     model.eval()
     wrapped = SteeringModel(model, tokenizer, name=name, layers_path=layers_path)
-    return wrapped if backend == "hf" else wrap_backend(wrapped, backend)
+    wrapped = wrapped if backend == "hf" else wrap_backend(wrapped, backend)
+    wrapped.source = source / kwargs["gguf_file"] if "gguf_file" in kwargs else source
+    return wrapped
+
+
+def _check_vllm_kwargs(engine_kwargs: dict) -> None:
+    """Refuse engine arguments that other parameters set, or that this vLLM does not know (a ValueError naming the
+    key, before the tokenizer or the engine loads; vLLM itself raised a TypeError for an unknown one)."""
+    import dataclasses
+
+    from steering.engine_args import RESERVED_ENGINE_KEYS
+
+    for key in engine_kwargs:
+        if key in RESERVED_ENGINE_KEYS:
+            raise ValueError(
+                f"engine argument {key!r} cannot be set here; use load_model's own parameters (model_id, dtype, "
+                "tensor_parallel_size, trust_remote_code)"
+            )
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:
+        return  # load_vllm says how to install vLLM
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(engine_kwargs) - known)
+    if unknown:
+        raise ValueError(f"vLLM has no engine argument {unknown[0]!r}; see vllm.engine.arg_utils.EngineArgs")

@@ -375,7 +375,7 @@ class VLLMModel(TextModel):
         """
 
         rows, starts = self._rows_of(prompts)
-        self.check_context_length(max(len(r) for r in rows))
+        self.check_context_length(max(len(r) for r in rows), int(max_new_tokens))
         if seeds is not None and len(seeds) != len(rows):
             raise ValueError(f"{len(seeds)} seeds for {len(rows)} prompts; pass one seed per prompt")
         steer = self._steer_items(self._per_row(interventions, len(rows)), starts)
