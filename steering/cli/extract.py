@@ -66,6 +66,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--position", default="answer", choices=["answer", "last", "mean"])
     p.add_argument("--normalize", default="unit", choices=["unit", "none", "residual"])
     p.add_argument("--split", default="train", choices=["train", "test", "all"], help="pairs to extract from")
+    p.add_argument("--n-pairs", type=int, default=None, help="use only the first N pairs of the split")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--columns", help="column mapping for generic JSONL/CSV: prompt=COL,positive=COL,negative=COL")
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -76,6 +77,10 @@ def execute(args: argparse.Namespace) -> None:
     from steering.vectors import extract, layer_quality
 
     name, pairs, test, sha = _dataset(args.driver, args.split, _columns(args.columns))
+    if args.n_pairs is not None:
+        if args.n_pairs < 1:
+            raise ValueError(f"--n-pairs {args.n_pairs}: pass a positive number of pairs")
+        pairs = pairs[: args.n_pairs]
     model = load_model(args.model, backend=args.backend)
     vs = extract(
         model,
