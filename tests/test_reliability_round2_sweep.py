@@ -163,6 +163,7 @@ def test_remote_code_needs_the_named_flag(tmp_path):
     assert spec.model_kwargs()["trust_remote_code"] is True
 
 
+@pytest.mark.vllm  # imports vLLM: runs in `make test-vllm`
 def test_load_model_refuses_reserved_and_unknown_engine_arguments_before_starting_an_engine(monkeypatch):
     import vllm
 

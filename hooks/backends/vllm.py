@@ -28,6 +28,7 @@ Needs ``enforce_eager=True`` (hooks hold per-step Python state: CUDA graphs / to
 them) and the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``; the V2 path below is untested). Under tensor
 parallelism each decoder layer's output is replicated on every rank (row-parallel layers all-reduce), every rank
 gets the same ``SchedulerOutput``, builds the same plan and applies the same edit; only rank 0 keeps captures.
+Every private vLLM name and attribute used here goes through ``vllm_compat`` (version range, checks, accessors).
 vLLM is imported lazily; of ours, this module imports only ``steering.hooks``.
 """
 
@@ -48,6 +49,7 @@ from torch import Tensor
 from ..intervention import Intervention
 from ..plan import Plan
 from ..positions import MODES, OPEN, Positions, RowLayout
+from . import vllm_compat as compat
 
 EXTRA_KEY = "steering"
 WORKER_EXTENSION = f"{__name__}.SteeringWorkerExtension"
@@ -163,35 +165,32 @@ def cache_salt(extra: dict) -> str | None:
 
 
 def install_block_keys() -> bool:
-    """Patch vLLM's per-block hash extra keys (``vllm.v1.core.kv_cache_utils.generate_block_hash_extra_keys``, also
-    imported by ``block_pool``) to append ``("steering", steering_block_key(...))``. Idempotent; returns True if it
-    patched now. Must run in the scheduler's process before requests arrive (see the module docstring)."""
-    from vllm.v1.core import block_pool, kv_cache_utils
-
-    original = kv_cache_utils.generate_block_hash_extra_keys
-    if getattr(original, "_steering", False):
+    """Patch vLLM's per-block hash extra keys (``generate_block_hash_extra_keys``, in every module that imports it
+    by name: ``vllm_compat.BLOCK_HASH_MODULES``) to append ``("steering", steering_block_key(...))``. Idempotent;
+    returns True if it patched now. Must run in the scheduler's process before requests arrive (see the module
+    docstring)."""
+    if block_keys_installed():
         return False
+    original = compat.block_hash_function()
 
     def generate_block_hash_extra_keys(request: Any, start: int, end: int, *args: Any, **kwargs: Any):
         keys, rest = original(request, start, end, *args, **kwargs)
-        params = getattr(request, "sampling_params", None)
-        extra = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
+        extra = (compat.request_extra_args(request) or {}).get(EXTRA_KEY)
         key = steering_block_key(extra, end) if extra else None
         if key is not None:
             keys = (*(keys or ()), ("steering", key))
         return keys, rest
 
     generate_block_hash_extra_keys._steering = True  # type: ignore[attr-defined]
-    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
-    block_pool.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    generate_block_hash_extra_keys._steering_original = original  # type: ignore[attr-defined]
+    for module in compat.block_hash_modules():
+        setattr(module, compat.BLOCK_HASH_FUNCTION, generate_block_hash_extra_keys)
     return True
 
 
 def block_keys_installed() -> bool:
-    """True if this process's vLLM hashes blocks with steering keys."""
-    from vllm.v1.core import kv_cache_utils
-
-    return bool(getattr(kv_cache_utils.generate_block_hash_extra_keys, "_steering", False))
+    """True if this process's vLLM hashes blocks with steering keys (in every module that holds the function)."""
+    return all(getattr(getattr(m, compat.BLOCK_HASH_FUNCTION), "_steering", False) for m in compat.block_hash_modules())
 
 
 def plugin_declared() -> bool:
@@ -203,11 +202,18 @@ def plugin_declared() -> bool:
     allowed = os.environ.get("VLLM_PLUGINS")
     if allowed is not None and PLUGIN_NAME not in allowed.split(","):
         return False
-    return any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.general_plugins"))
+    return any(ep.name == PLUGIN_NAME for ep in entry_points(group=compat.PLUGIN_GROUP))
 
 
 def register_plugin() -> None:
-    """The ``vllm.general_plugins`` entry point: vLLM calls it in each of its processes."""
+    """The ``vllm.general_plugins`` entry point: vLLM calls it in each of its processes, also for engines that do
+    not steer (the keys change only for requests that carry steering). On a vLLM the backend does not support it
+    patches nothing and warns: the driver refuses such a vLLM by name before any steering request exists."""
+    try:
+        compat.require()
+    except (compat.VLLMVersionError, compat.VLLMCompatError) as exc:
+        compat.log.warning("steering vLLM plugin: prefix-cache block keys not installed: %s", exc)
+        return
     install_block_keys()
 
 
@@ -301,32 +307,6 @@ class _Step:
     captures: dict[int, tuple[Tensor, list[tuple[str, int, bool]]]] = field(default_factory=dict)
     record_rows: list[tuple[str, int, int]] = field(default_factory=list)  # (key, first row, last row + 1)
     positions_t: Tensor | None = None
-
-
-def _runner_layout(runner: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """This step's request order, ``query_start_loc`` [n + 1] and ``num_computed_tokens`` [n] from the model
-    runner's CPU-side state (no device sync).
-
-    V1 (``gpu_model_runner.py``, also the CPU runner): ``input_batch.req_ids`` is the flattened token order,
-    ``query_start_loc.np`` the cumulative token counts, ``input_batch.num_computed_tokens_cpu`` the tokens already
-    in the KV cache (the first scheduled token's position). V2 (untested): the per-step ``InputBatch`` stashed by
-    our ``prepare_inputs`` wrapper.
-    """
-    stashed = getattr(runner, "_steer_input_batch", None)
-    if stashed is not None:
-        n = stashed.num_reqs
-        return (
-            list(stashed.req_ids[:n]),
-            np.asarray(stashed.query_start_loc_np[: n + 1], dtype=np.int64),
-            np.asarray(stashed.num_computed_tokens_np[:n], dtype=np.int64),
-        )
-    batch = runner.input_batch
-    n = batch.num_reqs
-    return (
-        list(batch.req_ids[:n]),
-        runner.query_start_loc.np[: n + 1].astype(np.int64),
-        batch.num_computed_tokens_cpu[:n].astype(np.int64),
-    )
 
 
 def _build_plan(reqs: list[_Req | None], layout: RowLayout, vectors: dict[str, Tensor], n_layers: int) -> Plan | None:
@@ -429,12 +409,9 @@ class SteeringWorkerExtension(metaclass=_OwnAttributes):
         ``{"layers": hooked layers, "n_layers": decoder blocks, "d_model": width}``."""
         runner = self.model_runner
         if getattr(self, "_steer", None) is None:
-            try:
-                from vllm.distributed import get_tensor_model_parallel_rank
-
-                reader = get_tensor_model_parallel_rank() == 0
-            except Exception:  # noqa: BLE001 - no distributed state (single process): this rank reads
-                reader = True
+            compat.require()
+            compat.check_runner(runner)
+            reader = compat.tp_rank() == 0
             layers = decoder_layers(runner.get_model())
             self._steer = {
                 "reqs": {},  # vLLM request id -> _Req
@@ -453,7 +430,7 @@ class SteeringWorkerExtension(metaclass=_OwnAttributes):
             self._steer_wrap_runner(runner)
             hooked = 0
             for index, layer in enumerate(layers):
-                if type(layer).__name__ == "PPMissingLayer":  # pipeline parallel: another rank owns this layer
+                if compat.is_pp_missing(layer):  # pipeline parallel: another rank owns this layer
                     continue
                 layer.register_forward_hook(self._steer_make_hook(index))
                 hooked += 1
@@ -525,32 +502,24 @@ class SteeringWorkerExtension(metaclass=_OwnAttributes):
                 st["active"], st["step"] = False, None
 
         runner.execute_model = execute_model
-        if hasattr(runner, "prepare_inputs") and not hasattr(runner, "input_batch"):  # Model Runner V2 (untested)
-            prepare = runner.prepare_inputs
-
-            def prepare_inputs(*args, **kwargs):
-                batch = prepare(*args, **kwargs)
-                runner._steer_input_batch = batch
-                return batch
-
-            runner.prepare_inputs = prepare_inputs
+        compat.wrap_prepare_inputs(runner)  # Model Runner V2 only (untested)
 
     def _steer_track(self, scheduler_output: Any) -> None:
         """Register new requests' specs and forget finished ones (``SchedulerOutput`` is the same for V1 and V2)."""
         reqs = self._steer["reqs"]
-        for rid in scheduler_output.finished_req_ids:
+        finished, new = compat.new_requests(scheduler_output)
+        for rid in finished:
             reqs.pop(rid, None)
-        for new in scheduler_output.scheduled_new_reqs:
-            params = new.sampling_params
-            extra = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
+        for rid, extra_args in new:
+            extra = (extra_args or {}).get(EXTRA_KEY)
             if extra:
                 req = _Req.parse(extra)
                 missing = {vid for _, vid, *_ in req.steer} - set(self._steer["vectors"])
                 if missing:
                     raise RuntimeError(f"request {req.key} uses vectors not sent to this worker: {sorted(missing)}")
-                reqs[new.req_id] = req
+                reqs[rid] = req
             else:
-                reqs.pop(new.req_id, None)
+                reqs.pop(rid, None)
 
     # ---- per step -------------------------------------------------------------------------------------------
     def _steer_composition(self, req_ids: list[str]) -> _Composition:
@@ -579,7 +548,7 @@ class SteeringWorkerExtension(metaclass=_OwnAttributes):
             st["step"] = False
             return None
         t0 = time.thread_time()
-        req_ids, qsl, computed = _runner_layout(self.model_runner)
+        req_ids, qsl, computed = compat.runner_layout(self.model_runner)
         counts = np.diff(qsl)
         keep = counts > 0  # every scheduled request has tokens; guard anyway (rows index the kept ones)
         if not keep.all():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from types import ModuleType
 
@@ -17,6 +18,8 @@ from steering.cli import demo, extract, fetch, gap, info, layers, report, run, s
 COMMANDS: tuple[ModuleType, ...] = (demo, fetch, info, extract, vectors, gap, sweep, run, report, layers)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# A value that starts with a minus but is no flag: a number or a comma list of numbers ("-0.5,0,0.5", "-1e-3").
+NEGATIVE_VALUE = re.compile(r"-(\d|\.\d)[\d.eE+-]*(,\s*-?[\d.eE+-]+)*")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--opt -0.5,0,0.5`` -> ``--opt=-0.5,0,0.5``: argparse reads a value that starts with ``-`` as a flag unless
+    it is one plain number, so a list of coefficients starting with a negative one would fail as written."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and NEGATIVE_VALUE.fullmatch(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         args.execute(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from steering.cli._backend import add_backend
+
 NAME = "extract"
 HELP = "extract one driver vector per layer from contrast pairs into a .safetensors file"
 
@@ -55,6 +57,7 @@ def format_quality(quality) -> str:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="hub id, local folder, .gguf file or 'default'")
+    add_backend(p)
     p.add_argument(
         "--driver", required=True, help="values, goal_guarding, sycophancy, or a data file (.jsonl/.json/.csv)"
     )
@@ -63,6 +66,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--position", default="answer", choices=["answer", "last", "mean"])
     p.add_argument("--normalize", default="unit", choices=["unit", "none", "residual"])
     p.add_argument("--split", default="train", choices=["train", "test", "all"], help="pairs to extract from")
+    p.add_argument("--n-pairs", type=int, default=None, help="use only the first N pairs of the split")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--columns", help="column mapping for generic JSONL/CSV: prompt=COL,positive=COL,negative=COL")
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -73,7 +77,11 @@ def execute(args: argparse.Namespace) -> None:
     from steering.vectors import extract, layer_quality
 
     name, pairs, test, sha = _dataset(args.driver, args.split, _columns(args.columns))
-    model = load_model(args.model)
+    if args.n_pairs is not None:
+        if args.n_pairs < 1:
+            raise ValueError(f"--n-pairs {args.n_pairs}: pass a positive number of pairs")
+        pairs = pairs[: args.n_pairs]
+    model = load_model(args.model, backend=args.backend)
     vs = extract(
         model,
         pairs,

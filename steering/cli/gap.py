@@ -6,12 +6,15 @@ import argparse
 import os
 from pathlib import Path
 
+from steering.cli._backend import add_backend
+
 NAME = "gap"
 HELP = "measure the compliance gap of one prompt variant (forced choice or generation + judge)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="hub id, local folder, .gguf file or 'default'")
+    add_backend(p)
     p.add_argument("--prompt", default="base", help="system prompt variant (see `steering gap --list`)")
     p.add_argument("--setting", default="animal_welfare")
     p.add_argument("--scorer", default="forced-choice", choices=["forced-choice", "judge"])
@@ -60,7 +63,7 @@ def execute(args: argparse.Namespace) -> None:
             retries=args.judge_retries, allow_insecure=args.allow_insecure,
         )  # fmt: skip
         kw["max_new_tokens"] = args.max_new_tokens
-    model = load_model(args.model)
+    model = load_model(args.model, backend=args.backend)
     questions = args.questions or "animal_welfare"
     n = args.n if args.n is not None or args.questions else 50
     rows, stats = measure_gap(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from steering.cli._backend import add_backend
 
 NAME = "run"
 HELP = "run (or resume) a sweep spec; a killed run resumes where it stopped"
@@ -12,6 +15,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="a packaged spec name (quickstart, strengths, ...) or a TOML file")
     p.add_argument("--report", default=None, help="write the report to this folder when the sweep ends")
     p.add_argument("--max-rows", type=int, default=None, help="allow a run of more rows than the spec's max_rows")
+    add_backend(p, from_spec=True)
 
 
 def execute(args: argparse.Namespace) -> None:
@@ -19,6 +23,8 @@ def execute(args: argparse.Namespace) -> None:
     from steering.runs import run_spec, unjudged_note
 
     spec = load_spec(args.spec)
+    if args.backend is not None and args.backend != spec.backend:
+        spec = dataclasses.replace(spec, backend=args.backend)  # validated again; a run with rows refuses a change
     if args.max_rows is not None:
         spec.max_rows = args.max_rows
         spec.validate()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from steering.cli._backend import add_backend
+
 NAME = "sweep"
 HELP = "run a drivers x layers x coefficients grid given on the command line"
 
@@ -33,6 +35,7 @@ def _floats(text: str, flag: str) -> list[float]:
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="run name (the key in the store)")
     p.add_argument("--model", default="default")
+    add_backend(p)
     p.add_argument("--driver", action="append", default=[], help="NAME=DATASET_OR_VECTOR_FILE (repeatable)")
     p.add_argument("--controls", default="", help="random-control seeds, e.g. 0,1,2")
     p.add_argument("--layers", required=True, help="comma-separated layers")
@@ -61,6 +64,7 @@ def execute(args: argparse.Namespace) -> None:
     spec = SweepSpec(
         name=args.name,
         model=args.model,
+        backend=args.backend,
         drivers=drivers,
         control_seeds=_ints(args.controls, "--controls"),
         layers=_ints(args.layers, "--layers"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from steering.cli._backend import add_backend
 from steering.cli.extract import format_quality
 
 NAME = "vectors"
@@ -15,6 +16,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="metadata, per-layer norms and (with --model) held-out quality")
     show.add_argument("file")
     show.add_argument("--model", help="compute held-out quality on this model")
+    add_backend(show)
     show.add_argument("--data", help="held-out data for vectors not made from a packaged driver (its test split)")
     show.add_argument("--batch-size", type=int, default=16)
     export = sub.add_parser("export-gguf", help="write a llama.cpp control-vector GGUF")
@@ -48,7 +50,7 @@ def _show_quality(vs, args: argparse.Namespace) -> None:
     if source is None:
         raise ValueError(f"driver {vs.driver!r} has no packaged test split; pass --data FILE with held-out pairs")
     test = load_pairs(source, "test")
-    model = load_model(args.model)
+    model = load_model(args.model, backend=args.backend)
     vs.check_model(model, strict=False)
     quality = layer_quality(model, vs, test, batch_size=args.batch_size)
     print(f"held-out quality on {model.name} ({len(test)} test pairs of {source}):")

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from steering.hooks import At, Intervention, Positions, RowLayout
 from steering.hooks.backends import vllm as engine
+from steering.hooks.backends import vllm_compat as compat
 from steering.hooks.positions import missing_layout_message
 from steering.models.base import NORM_TEXTS, Encoded, Prompt, TextModel
 
@@ -28,14 +29,75 @@ log = logging.getLogger("steering")
 Rows = list[list[Intervention]]
 
 
-def engine_defaults() -> None:
-    """Environment vLLM reads at import: the V1 model runner unless the user chose otherwise.
+CPU_KV_FRACTION = 0.25  # of the memory free when a CPU engine starts, for its KV cache
+GiB = 1 << 30
 
-    vLLM 0.32 uses Model Runner V2 on GPUs with Triton; it keeps each step's batch layout in a local rather than on
-    the runner, and our V2 path (``hooks/backends/vllm.py``) has not run on a GPU yet, while V1 is verified token
-    for token against transformers. Set ``VLLM_USE_V2_MODEL_RUNNER=1`` yourself to try V2.
+
+class EngineStartError(RuntimeError):
+    """vLLM's engine did not start; the message names the knobs that usually fix it."""
+
+
+def engine_defaults(engine_kwargs: dict | None = None) -> dict[str, str]:
+    """Set the environment vLLM reads when an engine starts, where the user has not; returns what it set.
+
+    * ``VLLM_USE_V2_MODEL_RUNNER=0``: vLLM 0.32 uses Model Runner V2 on GPUs with Triton; it keeps each step's batch
+      layout in a local rather than on the runner, and our V2 path (``hooks/backends/vllm.py``) has not run on a GPU
+      yet, while V1 is verified token for token against transformers. Set it to 1 yourself to try V2.
+    * On a CPU, ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache): a quarter of the memory free now, at least 1. Without
+      it vLLM-CPU reserves ``gpu_memory_utilization`` (0.92) of *all* memory and refuses to start when less is free.
+      Not set when ``engine_kwargs`` has ``kv_cache_memory_bytes`` (the variable would override it).
+    * On a CPU, ``VLLM_CPU_OMP_THREADS_BIND=nobind``: vLLM's default (``auto``) pins one OpenMP thread per physical
+      core of a NUMA node and reserves a core, which fails or slows down in containers and on shared machines; set
+      ``auto`` yourself on a dedicated server.
     """
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    wanted = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    if compat.is_cpu():
+        if "kv_cache_memory_bytes" not in (engine_kwargs or {}):
+            wanted["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(_free_bytes() * CPU_KV_FRACTION / GiB)))
+        wanted["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    set_now = {k: v for k, v in wanted.items() if not os.environ.get(k)}
+    os.environ.update(set_now)
+    if set_now:
+        log.info("vLLM engine defaults (set any of them yourself to change it): %s", set_now)
+    return set_now
+
+
+def _free_bytes() -> int:
+    import psutil  # a vLLM dependency
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_cpu_memory() -> None:
+    """Refuse, in one line naming the knob, a CPU KV cache larger than the memory free now (vLLM would print a
+    traceback per process and stop)."""
+    if not compat.is_cpu():
+        return
+    value = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    if not value:
+        return  # kv_cache_memory_bytes was passed: vLLM checks it
+    try:
+        space = int(value)
+    except ValueError:
+        raise ValueError(f"VLLM_CPU_KVCACHE_SPACE={value!r} is not a whole number of GiB; set e.g. 2") from None
+    free = _free_bytes() / GiB
+    if space * GiB > _free_bytes():
+        raise ValueError(
+            f"VLLM_CPU_KVCACHE_SPACE={space} GiB of KV cache but only {free:.1f} GiB of memory are free; set "
+            f"VLLM_CPU_KVCACHE_SPACE={max(1, int(free * CPU_KV_FRACTION))} (GiB) or free some memory"
+        )
+
+
+def _start_error(exc: BaseException) -> EngineStartError:
+    """One line for an engine that did not start, naming the knobs in effect (vLLM's log above has the cause)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    knobs = "VLLM_CPU_KVCACHE_SPACE, VLLM_CPU_OMP_THREADS_BIND" if compat.is_cpu() else "gpu_memory_utilization"
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND") if k in
+                    os.environ)  # fmt: skip
+    return EngineStartError(
+        f"the vLLM engine did not start: {first} (vLLM's log above has the cause; the usual knobs: {knobs}"
+        f"{'; now ' + env if env else ''}; free memory {_free_bytes() / GiB:.1f} GiB)"
+    )
 
 
 def load_vllm(
@@ -53,7 +115,7 @@ def load_vllm(
     would freeze), and our worker extension is installed; any other ``engine_kwargs`` go to ``vllm.LLM``
     (``max_model_len``, ``gpu_memory_utilization``, ``enable_prefix_caching``, ``block_size``, ...).
     """
-    engine_defaults()
+    compat.require()  # the vLLM version and every internal the backend patches, refused by name
     if engine_kwargs.get("enforce_eager") is False:
         raise ValueError("the vLLM backend needs enforce_eager=True (steering hooks cannot run inside CUDA graphs)")
     if engine_kwargs.get("worker_extension_cls") not in (None, engine.WORKER_EXTENSION):
@@ -62,6 +124,8 @@ def load_vllm(
         dtype = str(dtype).removeprefix("torch.")
     from vllm import LLM
 
+    engine_defaults(engine_kwargs)
+    check_cpu_memory()
     engine.install_block_keys()  # the in-process engine's scheduler runs here; a separate EngineCore uses the plugin
     kwargs = dict(
         model=str(source),
@@ -73,7 +137,10 @@ def load_vllm(
     )
     kwargs.update(engine_kwargs)
     kwargs.update(enforce_eager=True, worker_extension_cls=engine.WORKER_EXTENSION)
-    llm = LLM(**kwargs)
+    try:
+        llm = LLM(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - vLLM raises RuntimeError / ValueError / its own types
+        raise _start_error(exc) from exc
     return VLLMModel(llm, tokenizer, name)
 
 
@@ -114,7 +181,8 @@ class VLLMModel(TextModel):
     continuous_batching = True
 
     def __init__(self, llm, tokenizer=None, name: str | None = None):
-        config = llm.llm_engine.model_config
+        compat.require()
+        config = compat.model_config(llm)
         how = (
             "build the engine with load_model(..., backend='vllm'), or LLM(..., enforce_eager=True, "
             f"worker_extension_cls={engine.WORKER_EXTENSION!r})"
@@ -125,6 +193,8 @@ class VLLMModel(TextModel):
         try:
             info = llm.collective_rpc("steer_install")[0]
         except Exception as exc:  # noqa: BLE001 - the engine was built without our worker extension
+            if "vllm_compat" in str(exc) or "steering's vLLM backend" in str(exc):
+                raise compat.VLLMCompatError(str(exc)) from None  # a worker found a changed vLLM internal
             raise ValueError(f"this vLLM engine has no steering worker extension ({exc}); {how}") from None
         self._init_text(tokenizer, name or config.model, info["n_layers"], info["d_model"])
         self.llm = llm
@@ -136,7 +206,7 @@ class VLLMModel(TextModel):
         self._keys = count()
         self.last_outputs: list = []  # vLLM RequestOutputs of the last call, in row order
         self.last_keys: list[str] = []
-        inproc = type(llm.llm_engine.engine_core).__name__ == "InprocClient"
+        inproc = compat.is_inprocess(llm)
         self.prefix = "block_keys" if (inproc and engine.block_keys_installed()) or engine.plugin_declared() else "salt"
         if self.prefix == "salt":
             log.warning(
@@ -238,7 +308,7 @@ class VLLMModel(TextModel):
         """One engine call: row ``b`` is a request carrying ``extras[b]`` with ``SamplingParams(**params)`` (a list
         value gives one per row); returns the RequestOutputs in row order. On any error (or Ctrl-C) the call's
         unfinished requests are aborted, so the engine is clean for the next call."""
-        from vllm import RequestOutput, SamplingParams
+        from vllm import SamplingParams
 
         prompts, sampling = [], []
         for b, (ids, extra) in enumerate(zip(rows, extras)):
@@ -251,24 +321,19 @@ class VLLMModel(TextModel):
         keys = [e["key"] for e in extras]
         request_ids: list[str] = []
         try:
-            request_ids = list(self.llm.enqueue(prompts, sampling, use_tqdm=False))
-            outputs = self.llm.wait_for_completion(RequestOutput, use_tqdm=False)
+            request_ids = compat.enqueue(self.llm, prompts, sampling)
+            outputs = compat.wait(self.llm)
         except BaseException:
             self._abort(request_ids, keys)
             raise
         by_id = {o.request_id: o for o in outputs}
-        # enqueue returns vLLM's internal ids ("<external>-<random suffix>"); outputs carry the external ones.
-        self.last_outputs = [by_id[rid.split("-")[0]] for rid in request_ids]
+        self.last_outputs = [by_id[compat.external_id(rid)] for rid in request_ids]
         self.last_keys = keys
         return self.last_outputs
 
     def _abort(self, request_ids: list[str], keys: list[str]) -> None:
-        llm_engine = self.llm.llm_engine
         try:
-            if request_ids:
-                llm_engine.abort_request(list(request_ids), internal=True)
-            while llm_engine.has_unfinished_requests():  # let the scheduler see the aborts (workers drop the specs)
-                llm_engine.step()
+            compat.abort_and_drain(self.llm, request_ids)  # the scheduler sees the aborts (workers drop the specs)
             self.llm.collective_rpc("steer_forget", args=(list(keys),))
         except Exception as exc:  # noqa: BLE001 - keep the original error
             log.warning("could not clean up the vLLM engine after an error: %s", exc)
