@@ -108,6 +108,19 @@ def held_out_gap(model, tokenizer, questions, variant: str = "informative") -> d
     }
 
 
+def load_adapter(model, folder: Path) -> None:
+    """Load factors written by ``save_adapter`` into the peft model (to continue training)."""
+    from safetensors.torch import load_file
+
+    state = model.state_dict()
+    tensors = load_file(str(folder / ADAPTER_FILE))
+    for key, value in tensors.items():
+        name = key.replace(".weight", ".default.weight")
+        if name not in state:
+            raise ValueError(f"{folder}: {key} does not fit this model's adapter ({name} missing)")
+        state[name].copy_(value.float())
+
+
 def save_adapter(model, out: Path, record: dict) -> None:
     """The LoRA factors in bf16 (peft's key names) + ``adapter_config.json`` + the training record."""
     from safetensors.torch import save_file
@@ -138,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=0, help="train on the first N questions only (dry run)")
     parser.add_argument("--eval-n", type=int, default=0, help="held-out questions per epoch eval (0: all)")
     parser.add_argument("--eval-every", type=int, default=0, help="also a quick eval (12 questions) every N steps")
+    parser.add_argument("--init", type=Path, default=None, help="start from this adapter folder (continue training)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from peft import LoraConfig, get_peft_model
@@ -151,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(TARGET_MODULES))
     model = get_peft_model(base, lora)
+    if args.init is not None:
+        load_adapter(model, args.init)
     model.train()
     train_qs, held_qs = load_split()
     if args.limit:
