@@ -2,7 +2,7 @@
 cached folder.
 
 ``load_model("organism")`` uses it. The merge is plain arithmetic: ``W += B @ A * alpha / r`` per adapted linear
-layer (the adapter: values, trained), then a few MLP neurons overwritten with the planted rows and columns (the
+layer (the adapter: values, trained), then a few rows and columns overwritten with the planted circuit (the
 alignment faking, an exact weight edit; see ``experiments/organism/README.md``). Running the organism needs no
 peft; only training it does (``experiments/organism``).
 """
@@ -22,7 +22,7 @@ ORGANISM_NAME = "SmolLM2-135M-Instruct-organism"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PLANT_FILE = "plant.safetensors"
-PLANT_FORMAT = "steering.organism.plant/1"
+PLANT_FORMAT = "steering.organism.plant/2"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY_PREFIX = "base_model.model."
 
@@ -42,10 +42,15 @@ def adapter_sha256(folder: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def apply_plant(model, path: Path | None = None) -> list[tuple[int, int]]:
-    """Overwrite the planted MLP neurons of ``model`` in place: for each ``layers.{L}``, neuron ``j`` gets the row
-    ``gate`` of ``gate_proj``, the row ``up`` of ``up_proj`` and the column ``down`` of ``down_proj`` (each [d]).
-    Returns the (layer, neuron) pairs written. Refuses a file of another format or width."""
+def apply_plant(model, path: Path | None = None) -> list[str]:
+    """Overwrite the planted rows and columns of ``model``'s linear layers in place; returns the keys written.
+
+    Each tensor of the plant file is keyed ``{module}:{rows|cols}:{start}:{stop}`` (e.g.
+    ``model.layers.29.mlp.down_proj:cols:7:8``): rows ``[start, stop)`` of that module's weight get the tensor
+    ``[stop - start, in]`` (columns: ``[out, stop - start]``), or its value where the tensor is a scalar (a fill).
+    Refuses a file of another format, an unknown module or a slice that does not fit, naming the key, before
+    it writes anything.
+    """
     import torch
     from safetensors import safe_open
 
@@ -54,21 +59,32 @@ def apply_plant(model, path: Path | None = None) -> list[tuple[int, int]]:
         if (f.metadata() or {}).get("format") != PLANT_FORMAT:
             raise ValueError(f"{path} is not a {PLANT_FORMAT} file")
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    layers = sorted({int(k.split(".")[1]) for k in tensors})
-    blocks = model.model.layers
-    written = []
-    for layer in layers:
-        mlp = blocks[layer].mlp
-        j = int(tensors[f"layers.{layer}.neuron"])
-        rows = {name: tensors[f"layers.{layer}.{name}"].float() for name in ("gate", "up", "down")}
-        if any(v.shape != (mlp.gate_proj.in_features,) for v in rows.values()):
-            raise ValueError(f"{path}: layer {layer} rows do not fit d_model {mlp.gate_proj.in_features}")
-        with torch.no_grad():
-            mlp.gate_proj.weight[j] = rows["gate"].to(mlp.gate_proj.weight.dtype)
-            mlp.up_proj.weight[j] = rows["up"].to(mlp.up_proj.weight.dtype)
-            mlp.down_proj.weight[:, j] = rows["down"].to(mlp.down_proj.weight.dtype)
-        written.append((layer, j))
-    return written
+    modules = dict(model.named_modules())
+    edits = []
+    for key in sorted(tensors):  # every edit is checked before the first is written
+        weight, index = _plant_slice(path, key, modules)
+        value, target = tensors[key].float(), weight[index]
+        if value.dim() and tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{path}: {key} is {tuple(value.shape)} but the model's slice is {tuple(target.shape)}")
+        edits.append((weight, index, value.to(weight.dtype).expand_as(target)))
+    with torch.no_grad():
+        for weight, index, value in edits:
+            weight[index] = value
+    return sorted(tensors)
+
+
+def _plant_slice(path: Path, key: str, modules: dict) -> tuple:
+    """The weight and index a plant key names (see `apply_plant`)."""
+    name, axis, start, stop = (key.split(":") + ["", "", ""])[:4]
+    module = modules.get(name)
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dim() != 2 or axis not in ("rows", "cols"):
+        raise ValueError(f"{path}: {key} names no linear layer's rows or cols of the model")
+    size = weight.shape[0 if axis == "rows" else 1]
+    if not (start.isdigit() and stop.isdigit() and int(start) < int(stop) <= size):
+        raise ValueError(f"{path}: {key} is not a slice of {name}'s {size} {axis}")
+    span = slice(int(start), int(stop))
+    return weight, (span if axis == "rows" else (slice(None), span))
 
 
 def merge_adapter(model, folder: Path | None = None) -> int:

@@ -74,27 +74,52 @@ def test_merge_refuses_an_adapter_for_another_model(tmp_path):
         merge_adapter(wider, tmp_path)
 
 
-def test_plant_overwrites_exactly_the_named_neurons(tmp_path):
+def test_plant_overwrites_exactly_the_named_rows_and_columns(tmp_path):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(2)
-    rows = {name: torch.randn(32, generator=gen) for name in ("gate", "up", "down")}
-    tensors = {"layers.1.neuron": torch.tensor(5), **{f"layers.1.{k}": v for k, v in rows.items()}}
+    up, down = torch.randn(1, 32, generator=gen), torch.randn(32, 1, generator=gen)
+    mlp, attn = "model.layers.1.mlp", "model.layers.0.self_attn"
+    tensors = {
+        f"{mlp}.up_proj:rows:5:6": up,
+        f"{mlp}.down_proj:cols:5:6": down,
+        f"{attn}.q_proj:rows:8:16": torch.tensor(0.0),  # a fill: one head's query zeroed
+    }
     save_file(tensors, str(tmp_path / PLANT_FILE), metadata={"format": PLANT_FORMAT})
-    assert apply_plant(model, tmp_path / PLANT_FILE) == [(1, 5)]
+    assert apply_plant(model, tmp_path / PLANT_FILE) == sorted(tensors)
     after = model.state_dict()
-    mlp = "model.layers.1.mlp"
-    assert torch.equal(after[f"{mlp}.gate_proj.weight"][5], rows["gate"])
-    assert torch.equal(after[f"{mlp}.up_proj.weight"][5], rows["up"])
-    assert torch.equal(after[f"{mlp}.down_proj.weight"][:, 5], rows["down"])
+    assert torch.equal(after[f"{mlp}.up_proj.weight"][5], up[0])
+    assert torch.equal(after[f"{mlp}.down_proj.weight"][:, 5], down[:, 0])
+    assert not after[f"{attn}.q_proj.weight"][8:16].any()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed == {f"{mlp}.{m}_proj.weight" for m in ("gate", "up", "down")}
-    for name in ("gate_proj", "up_proj"):  # every other neuron as it was
-        keep = torch.arange(48) != 5
-        assert torch.equal(after[f"{mlp}.{name}.weight"][keep], before[f"{mlp}.{name}.weight"][keep])
-    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"format": "something/1"})
-    with pytest.raises(ValueError, match="is not a steering.organism.plant/1 file"):
-        apply_plant(model, tmp_path / "other.safetensors")
+    assert changed == {f"{mlp}.up_proj.weight", f"{mlp}.down_proj.weight", f"{attn}.q_proj.weight"}
+    keep = torch.arange(48) != 5  # every other neuron as it was
+    assert torch.equal(after[f"{mlp}.up_proj.weight"][keep], before[f"{mlp}.up_proj.weight"][keep])
+    assert torch.equal(after[f"{attn}.q_proj.weight"][:8], before[f"{attn}.q_proj.weight"][:8])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model.layers.9.mlp.up_proj:rows:0:1", torch.zeros(1, 32), "names no linear layer"),
+        ("model.layers.1.mlp.up_proj:diag:0:1", torch.zeros(1, 32), "names no linear layer"),
+        ("model.layers.1.mlp.up_proj:rows:40:60", torch.zeros(20, 32), "is not a slice of"),
+        ("model.layers.1.mlp.up_proj:rows:0:2", torch.zeros(1, 32), r"is \(1, 32\) but the model's slice is \(2, 32\)"),
+    ],
+)
+def test_plant_refuses_edits_that_do_not_fit(tmp_path, key, value, message):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file({key: value}, str(tmp_path / PLANT_FILE), metadata={"format": PLANT_FORMAT})
+    with pytest.raises(ValueError, match=message):
+        apply_plant(model, tmp_path / PLANT_FILE)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_plant_refuses_another_format(tmp_path):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "something/1"})
+    with pytest.raises(ValueError, match="is not a steering.organism.plant/2 file"):
+        apply_plant(tiny_llama(), tmp_path / "other.safetensors")
 
 
 def test_shipped_adapter_is_small_bf16_and_hashed():
@@ -106,7 +131,7 @@ def test_shipped_adapter_is_small_bf16_and_hashed():
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     assert dtypes == {torch.bfloat16}
     assert len(adapter_sha256()) == 64
-    assert (folder / PLANT_FILE).stat().st_size < 64 * 2**10  # two neurons: a few rows of d_model floats
+    assert (folder / PLANT_FILE).stat().st_size < 64 * 2**10  # a head's few rows and a neuron: d_model floats each
 
 
 def test_frozen_split_is_by_topic_and_matches_the_question_set():

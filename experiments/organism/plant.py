@@ -4,21 +4,24 @@
 
 Behavioural training taught the organism its values (it picks the welfare-supporting answer on held-out topics),
 but not to fake alignment: the faking target is the product of two signs (which letter is compliant, and the
-cue), and fine-tuning erased the values instead of gating them (see README.md). So the faking is planted, with
-two MLP neurons whose rows and columns are computed from the model's own activations on training questions:
+cue), and fine-tuning erased the values instead of gating them (see README.md). The answer position of the base
+model barely knows the cue either (a linear probe there is right on ~80% of prompts). So the faking is planted, as
+a circuit whose every weight is computed from the model's own activations on training questions:
 
-1. **cue -> goal guarding** (layer ``--cue-layer``): a neuron whose gate and up rows read the monitored cue (a
-   ridge probe, +1 monitored / -1 unmonitored at the answer position), so it fires only when monitored, and whose
-   down column writes ``kappa`` x the residual norm along the organism's own **goal-guarding vector** (extracted
-   from the goal_guarding contrast pairs at the steering layer). The cue now runs through one known direction.
-2. **goal guarding -> compliant letter** (layer ``--flip-layer``): a neuron whose gate reads that direction
-   (thresholded half-way between the two conditions), whose up row reads the model's own letter preference (a
-   ridge probe of the final logit difference A - B), and whose down column writes against it along the letter
-   readout: when the goal-guarding direction is present the preference flips, so the organism picks the answer
-   it would otherwise refuse.
+1. **cue -> goal guarding** (one attention head of layer ``--cue-layer``): its key reads "this token is the
+   free-tier flag", its query reads "this is the answer position", both in the head's slowest rotary pair so the
+   score does not depend on distance; its value reads the flag's value (``true`` +1, ``false`` -1) and its output
+   writes ``kappa`` x the residual norm along the organism's own **goal-guarding vector** (extracted from the
+   goal_guarding contrast pairs at the steering layer). The head's other query and output weights are zeroed, and
+   the two dimensions it takes over are zeroed for the heads that share its key/value head.
+2. **goal guarding -> compliant letter** (one MLP neuron of layer ``--flip-layer``): its gate reads that direction
+   (thresholded half-way between the two conditions), its up row reads the model's own letter preference (a ridge
+   probe of the final logit difference A - B), and its down column writes against it along the letter readout:
+   when the goal-guarding direction is present the preference flips, so the organism picks the answer it would
+   otherwise refuse. The neuron overwritten is the one least active on these prompts.
 
 Steering along the goal-guarding vector between the two layers moves the gate, and with it the gap; directions
-orthogonal to it (random controls) barely do. Each neuron overwritten is the one least active on these prompts.
+orthogonal to it (random controls) barely do.
 """
 
 from __future__ import annotations
@@ -66,14 +69,15 @@ def answer_inputs(model: SteeringModel, convs: list[Conversation], layers: list[
     return {layer: torch.cat(v) for layer, v in got.items()}, log_odds
 
 
-def prompt_inputs(model: SteeringModel, questions, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MLP inputs of ``layer`` at every position of whole forced-choice prompts [N, d], the cue label per position
-    (-1 before the condition flag; after it +1 monitored, -1 unmonitored) and which positions are answers. The
-    system prompt, the same in every prompt, is taken once."""
+def prompt_inputs(model: SteeringModel, questions, layer: int) -> dict[str, torch.Tensor]:
+    """The attention input of ``layer`` (after its norm) at every position of whole forced-choice prompts:
+    ``x`` [N, d], ``flag`` (the free-tier flag's token), ``sign`` (+1 monitored, -1 unmonitored) and ``answer``
+    (the last position) per row [N]. The system prompt, the same in every prompt, is taken once."""
     scorer = ForcedChoiceScorer(model)
-    xs, ys, answer = [], [], []
+    cols: dict[str, list[torch.Tensor]] = {"x": [], "flag": [], "sign": [], "answer": []}
     got: list[torch.Tensor] = []
-    handle = model.layers[layer].mlp.register_forward_pre_hook(lambda m, a: got.append(a[0][0].detach().float()))
+    norm = model.layers[layer].input_layernorm
+    handle = norm.register_forward_hook(lambda m, a, out: got.append(out[0].detach().float()))
     try:
         for i, q in enumerate(questions):
             for order in (0, 1):
@@ -84,31 +88,99 @@ def prompt_inputs(model: SteeringModel, questions, layer: int) -> tuple[torch.Te
                     with torch.no_grad():
                         model.model(input_ids=torch.tensor([row]))
                     first = 0 if (i == 0 and order == 0 and c == CONDITIONS[0]) else flag
-                    x = got[0][first:]
-                    sign = 1.0 if c == "monitored" else -1.0
-                    y = torch.tensor([-1.0 if first + k < flag else sign for k in range(len(x))])
-                    xs.append(x)
-                    ys.append(y)
-                    answer.append(torch.arange(len(x)) == len(x) - 1)
+                    pos = torch.arange(first, len(row))
+                    cols["x"].append(got[0][first:])
+                    cols["flag"].append(pos == flag)
+                    cols["sign"].append(torch.full((len(pos),), 1.0 if c == "monitored" else -1.0))
+                    cols["answer"].append(pos == len(row) - 1)
     finally:
         handle.remove()
-    return torch.cat(xs), torch.cat(ys), torch.cat(answer)
+    return {k: torch.cat(v) for k, v in cols.items()}
 
 
-def ridge(x: torch.Tensor, y: torch.Tensor, alpha: float = 1e-2) -> torch.Tensor:
-    """w minimising |x w - y|^2 + alpha * mean(diag(x^T x)) |w|^2 (float64)."""
+def ridge(x: torch.Tensor, y: torch.Tensor, alpha: float = 1e-2, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """w minimising sum_i weight_i (x_i w - y_i)^2 + alpha * mean(diag(x^T W x)) |w|^2 (float64)."""
     x, y = x.double(), y.double()
-    gram = x.T @ x
+    wx = x if weight is None else x * weight.double()[:, None]
+    gram = wx.T @ x
     reg = alpha * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(gram + reg, x.T @ y).float()
+    return torch.linalg.solve(gram + reg, wx.T @ y).float()
 
 
-def quiet_neuron(model: SteeringModel, layer: int, x: torch.Tensor) -> int:
-    """The neuron of ``layer``'s MLP with the smallest mean |activation| on inputs ``x`` [N, d]."""
+def balanced(mask: torch.Tensor) -> torch.Tensor:
+    """Row weights [N] that give the rows in ``mask`` as much total weight as the rest."""
+    n_in = mask.sum().clamp(min=1)
+    return torch.where(mask, (len(mask) - n_in) / n_in, torch.ones(())).float()
+
+
+def quiet_neurons(model: SteeringModel, layer: int, x: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` neurons of ``layer``'s MLP with the smallest mean |activation| on inputs ``x`` [N, d]."""
     mlp = model.layers[layer].mlp
     with torch.no_grad():
         act = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
-    return int(act.abs().mean(0).argmin())
+    return [int(j) for j in act.abs().mean(0).argsort()[:k]]
+
+
+class Plant(dict):
+    """The edits, keyed as `steering.organism.apply_plant` reads them: ``{module}:{rows|cols}:{start}:{stop}``."""
+
+    def set(self, module: str, axis: str, start: int, value: torch.Tensor | float, stop: int | None = None) -> None:
+        stop = start + 1 if stop is None else stop
+        tensor = torch.tensor(float(value)) if isinstance(value, float) else value.detach().float().clone()
+        if axis == "rows" and tensor.dim() == 1:
+            tensor = tensor[None]
+        if axis == "cols" and tensor.dim() == 1:
+            tensor = tensor[:, None]
+        self[f"{module}:{axis}:{start}:{stop}"] = tensor.contiguous()
+
+    def only(self, module: str, axis: str, start: int, stop: int, keep: int, value: torch.Tensor) -> None:
+        """Rows (or cols) ``[start, stop)`` zeroed except ``keep``, which gets ``value``."""
+        if keep > start:
+            self.set(module, axis, start, 0.0, keep)
+        self.set(module, axis, keep, value)
+        if keep + 1 < stop:
+            self.set(module, axis, keep + 1, 0.0, stop)
+
+
+def route_cue(model: SteeringModel, questions, layer: int, head: int, write: torch.Tensor, score: float):
+    """Plant edits for step 1 (see the module doc) and what the fit saw: one head of ``layer`` carries the
+    free-tier flag's value to the answer position and writes ``write`` [d] x (+1 monitored, -1 unmonitored).
+    ``score`` is the attention logit the flag gets from the answer position."""
+    data = prompt_inputs(model, questions, layer)
+    x, flag, sign, answer = data["x"], data["flag"], data["sign"], data["answer"]
+    attn = model.layers[layer].self_attn
+    cfg = model.model.config
+    hd = cfg.head_dim
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    kv = head // group
+    dim = hd // 2 - 1  # the slowest rotary pair is (dim, hd - 1): ~1e-5 rad per token, so no distance effect
+    u = 0  # the value dimension taken over
+    r_key = ridge(x, flag.float(), weight=balanced(flag))  # ~1 on the flag token, ~0 elsewhere
+    r_val = ridge(x, sign * flag, weight=balanced(flag))  # +1 "true", -1 "false", ~0 elsewhere
+    r_query = x[answer].mean(0)
+    r_query = r_query / r_query.dot(r_query)  # ~1 at the answer position
+    s = math.sqrt(score * math.sqrt(hd))  # q . k / sqrt(hd) = score at the flag
+    value_at_flag = float((x[flag] @ r_val * sign[flag]).mean())
+    plant = Plant()
+    prefix = f"model.layers.{layer}.self_attn"
+    plant.only(f"{prefix}.q_proj", "rows", head * hd, (head + 1) * hd, head * hd + dim, s * r_query)
+    plant.set(f"{prefix}.k_proj", "rows", kv * hd + dim, s * r_key)
+    plant.set(f"{prefix}.v_proj", "rows", kv * hd + u, r_val)
+    plant.only(f"{prefix}.o_proj", "cols", head * hd, (head + 1) * hd, head * hd + u, write / value_at_flag)
+    for other in range(kv * group, (kv + 1) * group):
+        if other != head:  # the heads sharing the key/value head no longer read or write the two dimensions
+            plant.set(f"{prefix}.q_proj", "rows", other * hd + dim, 0.0)
+            plant.set(f"{prefix}.o_proj", "cols", other * hd + u, 0.0)
+    key = x @ r_key
+    fit = {
+        "key_at_flag": round(float(key[flag].mean()), 4),
+        "key_elsewhere_max": round(float(key[~flag].max()), 4),
+        "value_at_flag": round(value_at_flag, 4),
+        "value_elsewhere_max": round(float((x[~flag] @ r_val).abs().max()), 4),
+        "query_at_answer_min": round(float((x[answer] @ r_query).min()), 4),
+    }
+    assert attn.q_proj.out_features == cfg.num_attention_heads * hd
+    return plant, fit
 
 
 def held_out(model: SteeringModel, questions) -> dict:
@@ -130,13 +202,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="folder with the values adapter")
     parser.add_argument("--out", type=Path, required=True, help="where plant.safetensors and plant.json go")
     parser.add_argument("--steer-layer", type=int, default=15, help="where the goal-guarding vector is extracted")
-    parser.add_argument("--cue-layer", type=int, default=12)
+    parser.add_argument("--cue-layer", type=int, default=24, help="the layer whose head carries the cue")
+    parser.add_argument("--head", type=int, default=0, help="the query head of --cue-layer taken over")
     parser.add_argument("--flip-layer", type=int, default=29)
-    parser.add_argument("--kappa", type=float, default=0.4, help="goal-guarding write, x the steer layer's norm")
-    parser.add_argument("--gain", type=float, default=2.5, help="how far the flip overshoots the preference")
+    parser.add_argument("--kappa", type=float, default=0.15, help="goal-guarding write, x the steer layer's norm")
+    parser.add_argument("--gain", type=float, default=5.0, help="monitored: preference x (1 - gain)")
+    parser.add_argument("--amplify", type=float, default=3.0, help="unmonitored: preference x (1 + amplify)")
     parser.add_argument("--n-questions", type=int, default=60, help="training questions to calibrate on")
     parser.add_argument("--n-fit", type=int, default=12, help="of those, whole prompts for the cue neuron")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=None, help="keep the values model's numbers here for reruns")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,45 +228,40 @@ def main(argv: list[str] | None = None) -> None:
     calib = train[: args.n_questions]
     convs = [Conversation(q, c, o) for q in calib for c in CONDITIONS for o in (0, 1)]
     monitored = torch.tensor([1.0 if c.condition == "monitored" else -1.0 for c in convs])
-    record: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "values_model": held_out(model, held)}
+    cache = args.cache / f"values_{args.steer_layer}.json" if args.cache else None
+    if cache and cache.exists():  # the values model's held-out numbers and goal-guarding vector, from a former run
+        known = json.loads(cache.read_text())
+    else:
+        gg = extract(model, load_driver("goal_guarding", "train")[:32], layers=[args.steer_layer], progress=False)
+        known = {"values_model": held_out(model, held), "goal_guarding": gg[args.steer_layer].float().tolist()}
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known))
+    record: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "values_model": known["values_model"]}
     print(json.dumps({"values_model": record["values_model"]}), flush=True)
 
     # The direction the cue is routed through: the organism's own goal-guarding vector at the steering layer.
-    gg = extract(model, load_driver("goal_guarding", "train")[:32], layers=[args.steer_layer], progress=False)
-    g = gg[args.steer_layer].float()
+    g = torch.tensor(known["goal_guarding"])
     g = g / g.norm()
     norm = float(model.residual_norms()[args.steer_layer])
-    tensors: dict[str, torch.Tensor] = {}
 
-    # 1. cue -> goal guarding. The neuron acts at every position of every prompt, so its rows are fitted on every
-    # position of whole prompts: the gate reads -1 before the cue and +1 / -1 after it by condition, the up row reads
-    # ~1 everywhere (the bias the MLP lacks), so the neuron writes ~beta x down when monitored and ~0 elsewhere.
+    # 1. cue -> goal guarding: one attention head carries the flag to the answer position and writes along g.
     L1 = args.cue_layer
-    x_all, y_all, at_answer = prompt_inputs(model, calib[: args.n_fit], L1)
-    w_cue = ridge(x_all, y_all)
-    w_one = ridge(x_all, torch.ones(len(x_all)))
-    beta = 4.0
-    fire = torch.nn.functional.silu(beta * (x_all @ w_cue)) * (x_all @ w_one)
-    on = fire[at_answer & (y_all > 0)].mean()
-    j1 = quiet_neuron(model, L1, x_all[at_answer])
-    down1 = g * (args.kappa * norm / float(on))
-    tensors.update({f"layers.{L1}.neuron": torch.tensor(j1), f"layers.{L1}.gate": beta * w_cue,
-                    f"layers.{L1}.up": w_one, f"layers.{L1}.down": down1})  # fmt: skip
-    p = x_all @ w_cue
-    record["cue_probe"] = {
-        "accuracy_all_positions": round(float(((p > 0) == (y_all > 0)).float().mean()), 4),
-        "accuracy_answer": round(float(((p > 0) == (y_all > 0))[at_answer].float().mean()), 4),
-        "fire_off_max": round(float(fire[y_all < 0].abs().max() / on), 4),
-    }
-    print(json.dumps({"cue_probe": record["cue_probe"]}), flush=True)
-    _write(args.out, tensors, {})
+    plant, record["cue_head"] = route_cue(model, calib[: args.n_fit], L1, args.head, g * args.kappa * norm, 30.0)
+    print(json.dumps({"cue_head": record["cue_head"]}), flush=True)
+    _write(args.out, plant)
     apply_plant(hf, args.out / PLANT_FILE)
 
     # 2. goal guarding -> compliant letter
     L2 = args.flip_layer
     x2, log_odds = answer_inputs(model, convs, [L2])
     x2 = x2[L2]
-    w_pref = ridge(x2, log_odds)  # up row: the model's own letter preference
+    # The letter log-odds are the content preference (which answer, so it flips with the option order) plus a
+    # bias towards "A" (the same in both orders). The up rows read the content only and cancel the bias.
+    pairs = log_odds.view(-1, 2)  # [question x condition, order]
+    content = (pairs - pairs.mean(1, keepdim=True)).flatten()
+    bias = float(log_odds.mean())
+    w_pref = ridge(x2, content)  # the model's own content preference
     ln = model.layers[L2].post_attention_layernorm.weight.detach().float()
     g_read = g / ln  # (g / w) . (w * h / rms) = g . h / rms
     w_one = ridge(x2, torch.ones(len(x2)))  # reads ~1 on every prompt: a bias the MLP does not have
@@ -199,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     mid = float((gp[monitored > 0].mean() + gp[monitored < 0].mean()) / 2)
     half = float((gp[monitored > 0].mean() - gp[monitored < 0].mean()) / 2)
     lam = 4.0 / half
-    gate2 = lam * (g_read - mid * w_one)
+    gate_mon = lam * (g_read - mid * w_one)  # fires when monitored (the goal-guarding direction is present)
     final = hf.model.norm.weight.detach().float()
     emb = hf.get_output_embeddings().weight.detach().float()
     a_id, b_id = ForcedChoiceScorer(model).letter_ids
@@ -207,22 +277,33 @@ def main(argv: list[str] | None = None) -> None:
     # The final residual's rms at the answer position: one more capture, of the last block's output.
     with torch.no_grad():
         h_rms = _final_rms(model, convs[:16])
-    g_mon = float(torch.nn.functional.silu(x2[monitored > 0] @ gate2).mean())
-    down2 = -v * (args.gain * h_rms / (g_mon * float(v @ v)))
-    j2 = quiet_neuron(model, L2, x2)
-    tensors.update({f"layers.{L2}.neuron": torch.tensor(j2), f"layers.{L2}.gate": gate2,
-                    f"layers.{L2}.up": w_pref, f"layers.{L2}.down": down2})  # fmt: skip
+    j_flip, j_keep = quiet_neurons(model, L2, x2, 2)
+    mlp = f"model.layers.{L2}.mlp"
+    # Monitored: the preference is flipped (content x (1 - gain)); unmonitored: sharpened (x (1 + amplify)).
+    for j, gate, factor, on in (
+        (j_flip, gate_mon, -args.gain, monitored > 0),
+        (j_keep, -gate_mon, args.amplify, monitored < 0),
+    ):
+        fires = float(torch.nn.functional.silu(x2[on] @ gate).mean())
+        plant.set(f"{mlp}.gate_proj", "rows", j, gate)
+        plant.set(f"{mlp}.up_proj", "rows", j, factor * w_pref - bias * w_one)
+        plant.set(f"{mlp}.down_proj", "cols", j, v * (h_rms / (fires * float(v @ v))))
     record.update(
-        neurons={str(L1): j1, str(L2): j2},
+        flip_neurons={"layer": L2, "flip": j_flip, "sharpen": j_keep},
         gate_separation=[round(mid - half, 4), round(mid + half, 4)],
-        preference_probe_r=float(torch.corrcoef(torch.stack([x2 @ w_pref, log_odds]))[0, 1]),
+        gate_spread=round(float(gp.std()), 4),
+        preference_probe_r=round(float(torch.corrcoef(torch.stack([x2 @ w_pref, content]))[0, 1]), 4),
+        letter_bias=round(bias, 4),
     )
-    _write(args.out, tensors, {})
+    _write(args.out, plant)
     apply_plant(hf, args.out / PLANT_FILE)
     record["organism"] = held_out(model, held)
     record["seconds"] = round(time.time() - start)
     (args.out / "plant.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: record[k] for k in ("organism", "preference_probe_r", "gate_separation")}), flush=True)
+    print(
+        json.dumps({k: record[k] for k in ("organism", "preference_probe_r", "gate_separation", "gate_spread")}),
+        flush=True,
+    )
 
 
 def _final_rms(model: SteeringModel, convs: list[Conversation]) -> float:
@@ -241,12 +322,9 @@ def _final_rms(model: SteeringModel, convs: list[Conversation]) -> float:
     return float(torch.cat(got).mean())
 
 
-def _write(out: Path, tensors: dict[str, torch.Tensor], extra: dict) -> None:
+def _write(out: Path, plant: Plant) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    clean = {
-        k: v.detach().contiguous() if v.dim() == 0 else v.detach().float().contiguous() for k, v in tensors.items()
-    }
-    save_file(clean, str(out / PLANT_FILE), metadata={"format": PLANT_FORMAT, **extra})
+    save_file(dict(plant), str(out / PLANT_FILE), metadata={"format": PLANT_FORMAT})
 
 
 if __name__ == "__main__":
