@@ -6,7 +6,7 @@ This is the only part of ``steering`` that touches model internals; it imports n
 ``plan.edit``.
 """
 
-from .capture import At, capture, mean_norms, select_rows
+from .capture import At, capture, select_rows
 from .intervention import OPERATIONS, Intervention
 from .layers import (
     find_layers,
@@ -18,6 +18,7 @@ from .layers import (
     resolve_layer,
     resolve_layers,
 )
+from .norms import FIRST_COUNTED, counted, mean_norm, mean_norms, token_norms
 from .plan import Plan, steer_module
 from .positions import MODES, Positions, PositionTracker, RowLayout, check_layout, row_positions
 from .readout import read_last
@@ -25,6 +26,7 @@ from .steer import steer
 
 __all__ = [
     "At",
+    "FIRST_COUNTED",
     "MODES",
     "OPERATIONS",
     "Intervention",
@@ -34,10 +36,12 @@ __all__ = [
     "RowLayout",
     "capture",
     "check_layout",
+    "counted",
     "find_layers",
     "find_layers_path",
     "find_stack",
     "hidden_of",
+    "mean_norm",
     "mean_norms",
     "model_d_model",
     "read_last",
@@ -48,4 +52,5 @@ __all__ = [
     "select_rows",
     "steer",
     "steer_module",
+    "token_norms",
 ]

@@ -47,6 +47,8 @@ import torch
 from torch import Tensor
 
 from ..intervention import Intervention
+from ..layers import find_layers
+from ..norms import token_norms
 from ..plan import Plan
 from ..positions import MODES, OPEN, Positions, RowLayout
 from . import vllm_compat as compat
@@ -359,33 +361,6 @@ def _composition_layout(reqs: list[_Req | None]) -> RowLayout:
     return RowLayout(prompt_len=prompt_len, response_start=torch.tensor(response, dtype=torch.long))
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder stack of a vLLM model: the ModuleList whose length is the config's ``num_hidden_layers``."""
-    config = getattr(model, "config", None)
-    text = getattr(config, "text_config", None) or config
-    n = getattr(text, "num_hidden_layers", None)
-    for path in (
-        "model.layers",
-        "language_model.model.layers",
-        "model.language_model.layers",
-        "model.model.layers",
-        "transformer.h",
-        "model.decoder.layers",
-        "gpt_neox.layers",
-    ):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList) and (n is None or len(obj) == n):
-            return obj
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and n is not None and len(module) == n:
-            return module
-    raise AttributeError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
 class _OwnAttributes(type):
     """``dir(cls)`` lists only what the class and its own bases define, not ``object``'s attributes: vLLM refuses an
     extension whose ``dir`` shares a name with the worker, and nnsight, once imported, puts ``save`` on every
@@ -412,7 +387,7 @@ class SteeringWorkerExtension(metaclass=_OwnAttributes):
             compat.require()
             compat.check_runner(runner)
             reader = compat.tp_rank() == 0
-            layers = decoder_layers(runner.get_model())
+            layers = find_layers(runner.get_model())
             self._steer = {
                 "reqs": {},  # vLLM request id -> _Req
                 "vectors": {},  # vector id -> float32 CPU [d] (each Plan moves it to the device once)
@@ -645,7 +620,7 @@ class SteeringWorkerExtension(metaclass=_OwnAttributes):
     def _steer_store(self, index: int, picked: Tensor, keys: list[tuple[str, int, bool]]) -> None:
         caps = self._steer["captures"]
         picked = picked.detach()
-        norms = picked.float().norm(dim=-1).cpu() if any(norm for *_, norm in keys) else None
+        norms = token_norms(picked).cpu() if any(norm for *_, norm in keys) else None
         cpu = picked.cpu() if not all(norm for *_, norm in keys) else None
         for j, (key, pos, norm) in enumerate(keys):
             caps.setdefault(key, {}).setdefault(index, {})[pos] = float(norms[j]) if norm else cpu[j].clone()

@@ -24,13 +24,17 @@ class TracedModel:
         self.remote = remote
         self.plans: list[Plan] = []
 
+    def active(self) -> list[Plan]:
+        """The open steering contexts entered by the calling thread (or asyncio task), in the order entered."""
+        return [plan for plan in self.plans if plan.is_active()]
+
     def __call__(self, *args, **kwargs):
-        return nns.forward(self.lm, list(self.plans), args, kwargs, self.layers_path, self.remote)
+        return nns.forward(self.lm, self.active(), args, kwargs, self.layers_path, self.remote)
 
     forward = __call__
 
     def generate(self, *args, **kwargs) -> Tensor:
-        return nns.generate(self.lm, list(self.plans), args, dict(kwargs), self.layers_path, self.remote)
+        return nns.generate(self.lm, self.active(), args, dict(kwargs), self.layers_path, self.remote)
 
     def __getattr__(self, name: str):
         if name in ("lm", "module", "plans"):  # not set yet (during unpickling): avoid recursion
@@ -80,15 +84,19 @@ class NNsightModel(SteeringModel):
         layers = self._layers(layers)
         return nns.capture(
             self.nnsight, enc.input_ids, enc.attention_mask, layers, at, self.layers_path,
-            list(self.model.plans), self.model.remote,
+            self.model.active(), self.model.remote,
         )  # fmt: skip
 
     @contextmanager
     def steer(self, interventions: Intervention | Sequence[Intervention], layout: RowLayout | None = None) -> Iterator:
-        """Context manager: every call of ``.model`` inside runs as a steered trace; closed on exit and on errors."""
+        """Context manager: every call of ``.model`` inside, by the thread (or asyncio task) that entered it, runs as
+        a steered trace; closed on exit and on errors. Explicit ranges that touched no token raise on exit."""
         plan = Plan(interventions, self.n_layers, self.d_model, layout)
+        scope = plan.scope()  # checked where each trace is dispatched (TracedModel.active), not inside the trace
         self.model.plans.append(plan)
         try:
             yield plan.tracker
         finally:
             self.model.plans.remove(plan)
+            scope.remove()
+        plan.check_reached()

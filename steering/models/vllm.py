@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steering.hooks import At, Intervention, Positions, RowLayout
+from steering.hooks import FIRST_COUNTED, At, Intervention, Positions, RowLayout, mean_norm
 from steering.hooks.backends import vllm as engine
 from steering.hooks.backends import vllm_compat as compat
 from steering.hooks.positions import missing_layout_message
@@ -455,19 +455,10 @@ class VLLMModel(TextModel):
         read = At.parse(at, len(rows))
         lengths = torch.tensor([len(r) for r in rows])
         if read.span is not None:
-            start, end = (torch.as_tensor(x, dtype=torch.long) for x in read.span)
-            positions = [list(range(int(s), min(int(e), int(n)))) for s, e, n in zip(start, end, lengths)]
-            if any(not p for p in positions):
-                raise ValueError("a capture span covers no tokens in some row; check start < end within the row length")
+            start, end = read.bounds(lengths)
+            positions = [list(range(int(s), int(e))) for s, e in zip(start, end)]
         else:
-            index = read.index.to(torch.long)
-            squeeze = index.dim() == 1
-            index = index[:, None] if squeeze else index
-            target = torch.where(index < 0, lengths[:, None] + index, index)
-            if bool(((target < 0) | (target >= lengths[:, None])).any()):
-                raise ValueError(
-                    f"capture position out of range for a row of length {int(lengths.min())}; check the indices"
-                )
+            target, squeeze = read.targets(lengths)
             positions = target.tolist()
         got = self._read(rows, starts, layers, [sorted(set(p)) for p in positions])
         out = {}
@@ -486,10 +477,10 @@ class VLLMModel(TextModel):
         if self._norms is None:
             rows, starts = self._tokenize(list(NORM_TEXTS))
             layers = list(range(self.n_layers))
-            got = self._read(rows, starts, layers, [list(range(1, len(r))) for r in rows], norms=True)
+            got = self._read(rows, starts, layers, [list(range(FIRST_COUNTED, len(r))) for r in rows], norms=True)
             norms = torch.zeros(self.n_layers)
             for layer in layers:
-                values = [v for row in got for v in row[layer].values()]
-                norms[layer] = float(torch.tensor(values, dtype=torch.float32).sum() / max(len(values), 1))
+                values = torch.tensor([v for row in got for v in row[layer].values()], dtype=torch.float32)
+                norms[layer] = float(mean_norm(values, torch.ones_like(values)))
             self._norms = norms
         return self._norms
