@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from steering.baseline import BASELINE_DRIVER, row_layer
 from steering.hooks import Intervention, RowLayout
 from steering.models import SteeringModel
 from steering.models.base import pad_rows
@@ -50,11 +51,12 @@ FORWARD_NEEDED = (
 class Cell:
     """One steering setting: ``driver`` vector at ``layer`` times ``coefficient`` (x ``scale``, e.g. a norm).
 
-    ``driver="none"`` with ``vector=None`` is the unsteered baseline.
+    ``BASELINE`` (driver ``"none"``, no layer, no vector) is the unsteered baseline; its rows store ``layer``
+    as ``steering.baseline.NO_LAYER``.
     """
 
-    driver: str = "none"
-    layer: int = -1
+    driver: str = BASELINE_DRIVER
+    layer: int | None = None
     coefficient: float = 0.0
     vector: Tensor | None = None
     scale: float = 1.0
@@ -447,7 +449,7 @@ class ForcedChoiceScorer:
                     "condition": condition,
                     "question": qid,
                     "driver": cell.driver,
-                    "layer": cell.layer,
+                    "layer": row_layer(cell.layer),
                     "coefficient": cell.coefficient,
                     "compliance": sum(shares) / len(shares),
                     "letter_mass": sum(mass) / len(mass),

@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from steering.baseline import is_baseline
 from steering.engine_args import check_engine_kwargs, numeric_engine_kwargs
 from steering.hooks import MODES
 from steering.hooks.intervention import MAX_ADDED
@@ -112,7 +113,7 @@ class DriverSpec:
             _require(self.contrast in CONTRASTS, "contrast", f"one of {', '.join(CONTRASTS)}", self.contrast, where)
         elif self.questions is not None:
             raise SpecError("questions", f"{where}'questions' applies to a 'contrast' driver only")
-        if self.name == "none" or self.name.startswith("random"):
+        if is_baseline(self.name) or self.name.startswith("random"):
             raise SpecError("name", f"driver name {self.name!r} is reserved (baseline / controls); choose another name")
         _require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method, where)
         _require(

@@ -6,6 +6,7 @@ condition are scored, so a killed sweep loses at most the question in flight and
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import zlib
@@ -17,6 +18,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from steering.baseline import row_layer, zero_rows
 from steering.coefficients import relative_scale
 from steering.compliance import BASELINE, FORWARD_NEEDED, Cell, Conversation, ForcedChoiceScorer, Readout
 from steering.fingerprint import model_fingerprint
@@ -107,13 +109,13 @@ class Grid:
         """Every cell that gets rows in the store."""
         return [*self.scored, *self.zero]
 
-    def add_zero_rows(self, rows: list[dict], conditions: Sequence[str]) -> list[dict]:
-        """``rows`` plus a copy of each condition's baseline row per coefficient-0 cell (identical by construction)."""
-        base = {r["condition"]: r for r in rows if r["driver"] == BASELINE.driver}
-        for cell in self.zero:
-            for condition in conditions:
-                rows.append(dict(base[condition], driver=cell.driver, layer=cell.layer, coefficient=0.0))
-        return rows
+    def add_zero_rows(self, rows: list[dict]) -> list[dict]:
+        """``rows`` (one question's) plus, per coefficient-0 cell, a copy of each of their baseline rows
+        (``steering.baseline.zero_rows``: identical by construction)."""
+        if not self.zero:
+            return rows
+        cells = pd.DataFrame({"driver": [c.driver for c in self.zero], "layer": [c.layer for c in self.zero]})
+        return rows + zero_rows(pd.DataFrame(rows), cells).to_dict("records")
 
 
 def build_grid(spec: SweepSpec, vectors: dict[str, VectorSet], model: SteeringModel) -> Grid:
@@ -177,7 +179,7 @@ class SweepRun:
             run=self.spec.name,
             model=self.model.name,
             driver=cell.driver,
-            layer=int(cell.layer),
+            layer=row_layer(cell.layer),
             coefficient=float(cell.coefficient),
             variant=variant,
             condition=condition,
@@ -190,7 +192,7 @@ class SweepRun:
 
     def commit(self, rows: list[dict]) -> None:
         """Write one question's rows (plus its coefficient-0 copies) in one transaction."""
-        self.store.write_rows(self.grid.add_zero_rows(rows, self.spec.conditions))
+        self.store.write_rows(self.grid.add_zero_rows(rows))
         if self.bar is not None:
             self.bar.update()
 
@@ -284,7 +286,7 @@ def saved_generations(rows: pd.DataFrame) -> dict[tuple, tuple[str, float | None
 def request_seed(seed: int, question: str, condition: str, cell: Cell) -> int:
     """A sampling seed per (seed, question, condition, cell): the same whatever else shares the engine call, so a
     resumed or re-chunked sweep draws the same samples."""
-    key = f"{seed}/{question}/{condition}/{cell.driver}/{cell.layer}/{cell.coefficient!r}"
+    key = f"{seed}/{question}/{condition}/{cell.driver}/{row_layer(cell.layer)}/{cell.coefficient!r}"
     return zlib.crc32(key.encode())
 
 
@@ -305,7 +307,9 @@ def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) ->
         chunk = todo[lo : lo + step]
         items = [(q, condition, cell) for q in chunk for condition in spec.conditions for cell in cells]
         known = [
-            run.saved.get((cell.driver, cell.layer, cell.coefficient, variant, condition, q.id, seed), (None,) * 3)
+            run.saved.get(
+                (cell.driver, row_layer(cell.layer), cell.coefficient, variant, condition, q.id, seed), (None,) * 3
+            )
             for q, condition, cell in items
         ]
         texts = [text for text, *_ in known]
@@ -390,11 +394,10 @@ def _run_forced_choice(run: SweepRun, seed: int, variant: str, todo: list[Questi
         if len(pending) == per_question:
             frame = ForcedChoiceScorer.to_frame(variant, cells, pending, run.readout)
             rows = []
-            for rec in frame.to_dict("records"):
+            for rec, cell in zip(frame.to_dict("records"), itertools.cycle(cells)):  # cells in order per block
                 extra = {"letter_mass": round(float(rec["letter_mass"]), 6)}
                 if run.readout is not None:
                     extra["readout"] = {k: round(v, 5) for k, v in rec["readout"].items()}
-                cell = Cell(rec["driver"], rec["layer"], rec["coefficient"])
                 rows.append(run.row(variant, seed, rec["question"], cell, rec["condition"], rec["compliance"], **extra))
             run.commit(rows)
             pending = []

@@ -19,6 +19,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from steering.baseline import BASELINE_DRIVER
 from steering.stats import CELL_COLUMNS, CONTEXT_COLUMNS
 
 MIN_MASS_RATIO = 0.5
@@ -27,7 +28,6 @@ MAX_UNJUDGED = 0.2
 """A judged cell with more than this share of rows without a verdict is not reported."""
 CHANCE_DECISIVENESS = 0.1
 """Below this mean |2 * compliance - 1| the unsteered model's choice does not depend on the answers: at chance."""
-BASELINE_DRIVER = "none"
 
 
 def letter_mass(df: pd.DataFrame) -> pd.Series:
