@@ -45,5 +45,5 @@ def load_spec(spec: str | Path | SweepSpec) -> SweepSpec:
 def run_spec(
     spec: str | Path | SweepSpec, model: SteeringModel | None = None, report_dir: str | Path | None = None
 ) -> pd.DataFrame:
-    """``steering.runs.run_spec`` for a packaged spec name as well as a TOML file or a ``SweepSpec``."""
-    return runs.run_spec(load_spec(spec), model, report_dir)
+    """``steering.runs.run_and_report`` for a packaged spec name as well as a TOML file or a ``SweepSpec``."""
+    return runs.run_and_report(load_spec(spec), model, report_dir)

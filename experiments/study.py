@@ -13,7 +13,7 @@ from steering.experiments import load_spec
 from steering.models import SteeringModel, load_model
 from steering.readouts import readout_table
 from steering.report import write_report
-from steering.runs import run_spec
+from steering.runs import run_and_report
 from steering.stats import gap_table
 from steering.validity import chance_note, valid_rows
 
@@ -26,7 +26,7 @@ def run_study(
     spec = load_spec(name)
     model = model or load_model(spec.model, **spec.model_kwargs())
     start = time.perf_counter()
-    rows = run_spec(spec, model=model)
+    rows = run_and_report(spec, model=model)
     out = Path(out) if out else Path("reports") / spec.name
     paths = write_report(rows, out, title=title or f"{spec.name} on {model.name}")
     print(f"\n{spec.name} on {model.name}: {len(rows)} rows in {spec.store_path} ({time.perf_counter() - start:.0f} s)")

@@ -22,7 +22,7 @@ from .norms import FIRST_COUNTED, counted, mean_norm, mean_norms, token_norms
 from .plan import Plan, steer_module
 from .positions import MODES, Positions, PositionTracker, RowLayout, check_layout, row_positions
 from .readout import read_last
-from .steer import steer
+from .steer import drive, steer
 
 __all__ = [
     "At",
@@ -37,6 +37,7 @@ __all__ = [
     "capture",
     "check_layout",
     "counted",
+    "drive",
     "find_layers",
     "find_layers_path",
     "find_stack",

@@ -13,6 +13,7 @@ from steering.judge import KeywordJudge, RubricJudge
 from steering.models import SteeringModel
 from steering.questions import load_questions
 from steering.scenario import CONDITIONS, load_setting
+from steering.spec import FORCED_CHOICE, JUDGE
 from steering.stats import gap_stats
 
 ChatFn = Callable[[list[list[dict]]], list[str | None]]
@@ -130,9 +131,9 @@ def measure_gap(
     frames = []
     for seed in seeds:
         qs = load_questions(questions, n=n, seed=seed if len(seeds) > 1 else None)
-        if scorer == "forced-choice":
+        if scorer == FORCED_CHOICE:
             frame = ForcedChoiceScorer(model, setting).score(qs, variant, progress=progress)
-        elif scorer == "judge":
+        elif scorer == JUDGE:
             frame = judged_rows(model, variant, qs, judge or KeywordJudge(), seed=seed, setting=setting, **judge_kw)
         else:
             raise ValueError(f"unknown scorer {scorer!r}; use forced-choice or judge")

@@ -33,7 +33,7 @@ from steering.hooks import MODES
 from steering.hooks.intervention import MAX_ADDED
 from steering.scenario import CONDITIONS
 
-SCORERS = ("forced-choice", "judge")
+FORCED_CHOICE, JUDGE = SCORERS = ("forced-choice", "judge")
 JUDGES = ("keyword", "local", "endpoint")
 POSITIONS = MODES  # the steer positions a sweep can use
 """Steering positions a sweep accepts (the hooks' position modes)."""
@@ -169,6 +169,12 @@ class SweepSpec:
             self.drivers = [d if isinstance(d, DriverSpec) else _build(DriverSpec, d, "drivers") for d in self.drivers]
         self.validate()
 
+    @property
+    def judged(self) -> bool:
+        """True when the spec samples and judges (``scorer = "judge"``), False for forced choice: the one test of
+        the scorer every consumer reads."""
+        return self.scorer == JUDGE
+
     def validate(self) -> None:
         """Check every field (types strictly, then values and cross-field rules); raise ``SpecError`` naming
         the key. Runs on construction; call it again after changing fields by hand."""
@@ -200,9 +206,9 @@ class SweepSpec:
         _unique(self.variants, "variants")
         self._check_variants()
         _require(self.judge in JUDGES, "judge", f"one of {', '.join(JUDGES)}", self.judge)
-        if self.scorer == "judge" and self.judge == "local":
+        if self.judged and self.judge == "local":
             _require(self.judge_model is not None, "judge_model", "a judge model (hub id, folder or 'default')")
-        if self.scorer == "judge" and self.judge == "endpoint":
+        if self.judged and self.judge == "endpoint":
             _require(self.judge_url is not None, "judge_url", "an OpenAI-compatible base URL (http://host:port/v1)")
         if self.judge_url is not None:
             ok = self.judge_url.startswith(("http://", "https://"))

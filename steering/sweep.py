@@ -216,7 +216,7 @@ def run_sweep(
         spec = SweepSpec.from_toml(spec)
     spec.validate()
     backend = spec.backend if model is None else model.backend
-    if spec.scorer == "forced-choice" and (not model.has_forward_pass if model is not None else backend == "vllm"):
+    if not spec.judged and (not model.has_forward_pass if model is not None else backend == "vllm"):
         raise ValueError(FORWARD_NEEDED.format(name=spec.model, backend=backend))
     inputs = spec.input_hashes()
     log.info("sweep %s: %s rows", spec.name, f"{spec.check_size():,}")
@@ -231,11 +231,11 @@ def run_sweep(
         vectors = resolve_vectors(spec, model, progress)  # before registering: a bad spec leaves no trace
         grid = build_grid(spec, vectors, model)
         store.begin_run(spec.name, spec.identity(), model.name, library_versions(), inputs=inputs)
-        scorer = ForcedChoiceScorer(model, spec.setting) if spec.scorer == "forced-choice" else judge_for_spec(spec)
+        scorer = judge_for_spec(spec) if spec.judged else ForcedChoiceScorer(model, spec.setting)
         run = SweepRun(spec, model, store, grid, scorer)
-        if spec.scorer == "forced-choice" or getattr(model, "has_readouts", False):
+        if not spec.judged or getattr(model, "has_readouts", False):
             run.readout = Readout.of_vectors(vectors, spec_layers(spec, model))
-        if spec.scorer == "judge":
+        if spec.judged:
             run.saved = saved_generations(store.frame(spec.name))
         done = store.done_keys(spec.name)
         plan = []
@@ -249,7 +249,7 @@ def run_sweep(
         try:
             for seed, variant, todo in plan:
                 if todo:
-                    score = _run_judged if spec.scorer == "judge" else _run_forced_choice
+                    score = _run_judged if spec.judged else _run_forced_choice
                     score(run, seed, variant, todo)
         except KeyboardInterrupt:
             log.warning("interrupted after %d of %d questions; rerun to resume", run.bar.n, total)

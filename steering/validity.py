@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from steering.baseline import BASELINE_DRIVER
+from steering.spec import FORCED_CHOICE
 from steering.stats import CELL_COLUMNS, CONTEXT_COLUMNS
 
 MIN_MASS_RATIO = 0.5
@@ -110,9 +111,9 @@ def chance_note(df: pd.DataFrame, threshold: float = CHANCE_DECISIVENESS, max_un
             f"Baseline not reportable: {unjudged:.0%} of its rows have no verdict (more than {max_unjudged:.0%}); "
             "rerun to judge them again, or check the judge."
         )
-    scorer = set(base["scorer"]) if "scorer" in base.columns else {"forced-choice"}
+    scorer = set(base["scorer"]) if "scorer" in base.columns else {FORCED_CHOICE}
     value = decisiveness(base)
-    if scorer == {"forced-choice"} and value < threshold:
+    if scorer == {FORCED_CHOICE} and value < threshold:
         return (
             f"Baseline at chance: the unsteered model's choice does not depend on which answer is which (mean "
             f"|2·compliance − 1| = {value:.3f} < {threshold:g} over {int(base['compliance'].notna().sum())} rows), "

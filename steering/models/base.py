@@ -18,6 +18,7 @@ from steering.hooks import (
     Plan,
     RowLayout,
     capture,
+    drive,
     find_layers,
     find_layers_path,
     find_stack,
@@ -26,7 +27,6 @@ from steering.hooks import (
     read_last,
     resolve_layer,
     resolve_layers,
-    steer_module,
 )
 
 log = logging.getLogger("steering")
@@ -299,13 +299,8 @@ class SteeringModel(TextModel):
         the thread (or asyncio task) that entered the block are steered; explicit ranges that touched no token raise
         a ``ValueError`` at the end of the block."""
         plan = Plan(interventions, self.n_layers, self.d_model, layout)
-        handles = steer_module(self.model, plan, self.layers, self.stack)
-        try:
-            yield plan.tracker
-        finally:
-            for handle in handles:
-                handle.remove()
-        plan.check_reached()
+        with drive(self.model, plan, self.layers, self.stack) as tracker:
+            yield tracker
 
     @contextmanager
     def readout(self, directions: Mapping[int, Tensor | None]) -> Iterator[dict[int, Tensor]]:
