@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from steering.backends.base import pad_rows
 from steering.baseline import BASELINE_DRIVER, row_layer
 from steering.hooks import Intervention, RowLayout
 from steering.models import SteeringModel
-from steering.models.base import pad_rows
 from steering.questions import Question
 from steering.scenario import CONDITIONS, Setting, load_setting
 

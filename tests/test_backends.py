@@ -226,8 +226,8 @@ def test_nnsight_generation_needs_a_step_bound(pairs, enc):
 
 
 def test_nnsight_residual_norms_match(pairs, enc):
+    from steering.backends.nnsight import hooks as nns
     from steering.hooks import mean_norms
-    from steering.hooks.backends import nnsight as nns
 
     want = mean_norms(pairs["llama"]["hf"].model, enc.input_ids, enc.attention_mask)
     got = nns.mean_norms(pairs["llama"]["nnsight"].nnsight, enc.input_ids, enc.attention_mask)

@@ -1,11 +1,13 @@
-"""Models: ``load_model`` / ``wrap`` give a ``SteeringModel`` on any backend (plain transformers, TransformerLens,
-nnsight), or a ``VLLMModel`` on a vLLM engine; ``Encoded`` is a tokenized batch with its row layout."""
+"""Models: the front door to the backends (``steering.backends``, one package per backend). ``load_model`` /
+``wrap`` give a ``SteeringModel`` on any in-process backend (plain transformers, TransformerLens, nnsight), or a
+``VLLMModel`` on a vLLM engine; ``Encoded`` is a tokenized batch with its row layout."""
 
-from steering.models.base import NORM_TEXTS, Encoded, Prompt, SteeringModel, TextModel
+from steering.backends.base import NORM_TEXTS, Encoded, Prompt, TextModel
+from steering.backends.hf import SteeringModel
+from steering.backends.nnsight import NNsightModel, TracedModel
+from steering.backends.transformer_lens import TransformerLensModel
+from steering.backends.vllm import VLLMModel
 from steering.models.loading import load_model
-from steering.models.nnsight import NNsightModel, TracedModel
-from steering.models.transformer_lens import TransformerLensModel
-from steering.models.vllm import VLLMModel
 from steering.models.wrap import BACKENDS, hf_module, wrap, wrap_backend
 
 __all__ = [

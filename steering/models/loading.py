@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from steering.models.base import SteeringModel, TextModel
+from steering.backends import ENGINES
+from steering.backends.base import TextModel
+from steering.backends.hf import SteeringModel
 from steering.models.wrap import BACKENDS, wrap_backend
-
-ENGINES = ("vllm",)  # backends that run their own engine (no transformers module in this process)
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -84,7 +84,7 @@ def load_model(
     if backend == "vllm":
         if "gguf_file" in kwargs:
             raise ValueError("the vLLM backend loads a model folder or hub id, not a .gguf file; use backend='hf'")
-        from steering.models.vllm import load_vllm
+        from steering.backends.vllm import load_vllm
 
         engine = load_vllm(
             str(source), name, tokenizer, dtype, tensor_parallel_size, trust_remote_code, **engine_kwargs

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from steering.hooks.backends import NAMES
-from steering.hooks.backends import nnsight as nns
-from steering.hooks.backends import transformer_lens as tl
-from steering.models.base import SteeringModel, TextModel
-from steering.models.nnsight import NNsightModel, TracedModel
-from steering.models.transformer_lens import TransformerLensModel
+from steering.backends import NAMES
+from steering.backends.base import TextModel
+from steering.backends.hf import SteeringModel
+from steering.backends.nnsight import NNsightModel, TracedModel
+from steering.backends.nnsight import hooks as nns
+from steering.backends.transformer_lens import TransformerLensModel
+from steering.backends.transformer_lens import hooks as tl
 
 BACKENDS = NAMES
 

@@ -7,9 +7,10 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from steering.backends.base import Encoded, Prompt
+from steering.backends.hf import SteeringModel
+from steering.backends.transformer_lens import hooks as tl
 from steering.hooks import Intervention, RowLayout
-from steering.hooks.backends import transformer_lens as tl
-from steering.models.base import Encoded, Prompt, SteeringModel
 
 
 class TransformerLensModel(SteeringModel):

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..capture import At, select_rows
-from ..layers import find_layers, find_layers_path, hidden_of, replace_hidden, resolve_layers
-from ..norms import counted, mean_norm, token_norms
-from ..plan import Plan
-from ..positions import PositionTracker
+from steering.hooks.capture import At, select_rows
+from steering.hooks.layers import find_layers, find_layers_path, hidden_of, replace_hidden, resolve_layers
+from steering.hooks.norms import counted, mean_norm, token_norms
+from steering.hooks.plan import Plan
+from steering.hooks.positions import PositionTracker
 
 # Model inputs of one row each; every other keyword of a generate call is a generation option.
 INPUT_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "position_ids")
@@ -99,7 +99,8 @@ def _trace_kwargs(remote: bool) -> dict:
         return {}
     import nnsight
 
-    nnsight.register("steering.hooks")  # ship our hook code by value to the remote server
+    for module in ("steering.hooks", __name__):  # ship our hook code by value to the remote server
+        nnsight.register(module)
     return {"remote": True}
 
 

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..capture import At, select_rows
-from ..intervention import Intervention
-from ..layers import find_layers, find_stack, model_d_model, resolve_layers
-from ..plan import Plan
-from ..positions import PositionTracker, RowLayout
+from steering.hooks.capture import At, select_rows
+from steering.hooks.intervention import Intervention
+from steering.hooks.layers import find_layers, find_stack, model_d_model, resolve_layers
+from steering.hooks.plan import Plan
+from steering.hooks.positions import PositionTracker, RowLayout
 
 RESID_POST = "blocks.{}.hook_resid_post"
 

@@ -8,9 +8,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from steering.backends.base import NORM_TEXTS, Encoded, Prompt
+from steering.backends.hf import SteeringModel
+from steering.backends.nnsight import hooks as nns
 from steering.hooks import Intervention, Plan, RowLayout
-from steering.hooks.backends import nnsight as nns
-from steering.models.base import NORM_TEXTS, Encoded, Prompt, SteeringModel
 
 
 class TracedModel:
