@@ -6,5 +6,6 @@ a shared prompt prefix computed once and reused by every scored row.
 """
 
 from steering.backends.hf.model import SteeringModel
+from steering.backends.hf.session import PrefixSession
 
-__all__ = ["SteeringModel"]
+__all__ = ["PrefixSession", "SteeringModel"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from steering.backends.base import NORM_TEXTS, Encoded, Prompt, TextModel
+from steering.backends.hf.session import PrefixSession
 from steering.hooks import (
     Intervention,
     Plan,
@@ -62,6 +64,38 @@ class SteeringModel(TextModel):
         config = self.model.config
         limit = getattr(config, "max_position_embeddings", None)
         return limit or getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+
+    # ---- scoring ------------------------------------------------------------------------------------------
+    def prefill(self, ids: Sequence[int] | None) -> PrefixSession:
+        """A scoring session whose KV cache holds ``ids`` (one shared prefix, computed now); ``None``: a session
+        that runs whole prompts. See ``steering.backends.hf.session``."""
+        return PrefixSession(self, ids)
+
+    def keeps_logits(self) -> bool:
+        """Whether the forward takes ``logits_to_keep`` (then scoring computes the LM head at one position only)."""
+        if getattr(self, "_logits_to_keep", None) is None:
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        return self._logits_to_keep
+
+    def sliding_window(self) -> int | None:
+        """The model's sliding attention window, if its config declares one (and does not switch it off)."""
+        config = self.model.config
+        for cfg in (getattr(config, "text_config", None), config):
+            if cfg is None or getattr(cfg, "use_sliding_window", True) is False:
+                continue
+            window = getattr(cfg, "sliding_window", None)
+            if isinstance(window, int) and window > 0:
+                return window
+        return None
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes (all layers, keys and values)."""
+        config = self.model.config
+        config = getattr(config, "text_config", None) or config
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or self.d_model // heads
+        return 2 * self.n_layers * kv_heads * head_dim * self.dtype.itemsize
 
     # ---- residual stream ----------------------------------------------------------------------------------
     def capture(self, prompts: Sequence[Prompt] | Encoded, layers: Sequence[int] | str = "all", at="last"):
