@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from steering.analysis import outside_control_band, steerability
+from steering.backends.protocol import Backend
 from steering.experiments import load_spec
-from steering.models import SteeringModel, load_model
+from steering.models import load_model
 from steering.readouts import readout_table
 from steering.report import write_report
 from steering.runs import run_and_report
@@ -19,7 +20,7 @@ from steering.validity import chance_note, valid_rows
 
 
 def run_study(
-    name: str, model: SteeringModel | None = None, out: str | Path | None = None, title: str | None = None
+    name: str, model: Backend | None = None, out: str | Path | None = None, title: str | None = None
 ) -> dict[str, Path]:
     """Run (or resume) the packaged spec ``name`` on ``model`` (default: the spec's), report into ``out``
     (default ``reports/<name>``) and print the headline numbers."""

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from steering.backends.protocol import Backend, Unsupported
 from steering.baseline import BASELINE_DRIVER, row_layer
 from steering.hooks import Intervention, RowLayout
-from steering.models import SteeringModel
 from steering.questions import Question
 from steering.scenario import CONDITIONS, Setting, load_setting
 
@@ -152,9 +152,9 @@ class Readout:
 class ForcedChoiceScorer:
     """Scores conversations x cells on one model and setting; see the module docstring for the method."""
 
-    def __init__(self, model: SteeringModel, setting: Setting | str = "animal_welfare", prefill: str = PREFILL):
-        if not getattr(model, "has_forward_pass", True):
-            raise ValueError(FORWARD_NEEDED.format(name=model.name, backend=model.backend))
+    def __init__(self, model: Backend, setting: Setting | str = "animal_welfare", prefill: str = PREFILL):
+        if not model.can_prefill():
+            raise Unsupported(FORWARD_NEEDED.format(name=model.name, backend=model.backend))
         self.model = model
         self.setting = load_setting(setting) if isinstance(setting, str) else setting
         self.prefill = prefill
@@ -355,12 +355,12 @@ class Group:
     cells: int
 
 
-def kv_bytes_per_token(model: SteeringModel) -> int:
+def kv_bytes_per_token(model: Backend) -> int:
     """Bytes of KV cache one token takes in ``model`` (all layers, keys and values)."""
     return model.kv_bytes_per_token()
 
 
-def default_batch_tokens(model: SteeringModel) -> int:
+def default_batch_tokens(model: Backend) -> int:
     """The token budget of one forward pass: rows x (cached + new) tokens.
 
     On a GPU: ``GPU_MEMORY_SHARE`` of the memory free now (the caching allocator's spare included) over the KV bytes
@@ -374,12 +374,12 @@ def default_batch_tokens(model: SteeringModel) -> int:
     return CPU_BATCH_TOKENS
 
 
-def sliding_window(model: SteeringModel) -> int | None:
+def sliding_window(model: Backend) -> int | None:
     """The model's sliding attention window, if its config declares one (and does not switch it off)."""
     return model.sliding_window()
 
 
-def padding_is_exact(model: SteeringModel, length: int) -> bool:
+def padding_is_exact(model: Backend, length: int) -> bool:
     """Whether masked padding inside a sequence of up to ``length`` tokens leaves every row's numbers as they are
     alone: not with sliding-window attention narrower than that (the window counts padded slots)."""
     window = sliding_window(model)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from steering.models import SteeringModel
+from steering.backends.protocol import Backend
 from steering.report import write_report
 from steering.spec import JUDGE, SweepSpec
 from steering.store import ResultStore
@@ -46,7 +46,7 @@ def unjudged_note(rows: pd.DataFrame) -> str:
 
 
 def run_and_report(
-    spec: SweepSpec | str | Path, model: SteeringModel | None = None, report_dir: str | Path | None = None
+    spec: SweepSpec | str | Path, model: Backend | None = None, report_dir: str | Path | None = None
 ) -> pd.DataFrame:
     """Run (or resume) a sweep spec (a ``SweepSpec`` or a TOML file) and optionally write its report; returns the
     rows. Packaged specs by name as well: ``steering.experiments.run_spec("quickstart")``."""

@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from steering.backends import ENGINES
 from steering.baseline import is_baseline
 from steering.engine_args import check_engine_kwargs, numeric_engine_kwargs
 from steering.hooks import MODES
@@ -219,7 +220,7 @@ class SweepSpec:
             raise SpecError("engine_kwargs", f"spec key 'engine_kwargs': {exc}") from None
         engine_only = self.tensor_parallel_size != 1 or bool(self.engine_kwargs)
         _require(
-            self.backend == "vllm" or not engine_only, "backend", "'vllm' for tensor_parallel_size / engine_kwargs",
+            self.backend in ENGINES or not engine_only, "backend", "'vllm' for tensor_parallel_size / engine_kwargs",
             self.backend,
         )  # fmt: skip
         names = [d.name for d in self.drivers]
@@ -322,7 +323,7 @@ class SweepSpec:
         kwargs: dict[str, Any] = dict(dtype=self.dtype, device=self.device, backend=self.backend)
         if self.trust_remote_code:
             kwargs["trust_remote_code"] = True
-        if self.backend == "vllm":
+        if self.backend in ENGINES:
             kwargs.update(self.engine_kwargs, tensor_parallel_size=self.tensor_parallel_size)
         return kwargs
 

@@ -18,13 +18,15 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from steering.backends import model_class
+from steering.backends.protocol import Backend, Unsupported
 from steering.baseline import row_layer, zero_rows
 from steering.coefficients import relative_scale
 from steering.compliance import BASELINE, FORWARD_NEEDED, Cell, Conversation, ForcedChoiceScorer, Readout
 from steering.fingerprint import model_fingerprint
 from steering.gap import judge_for_spec
 from steering.hooks import Intervention, resolve_layer
-from steering.models import SteeringModel, load_model
+from steering.models import load_model
 from steering.questions import Question, load_questions
 from steering.spec import DriverSpec, SweepSpec
 from steering.store import KEY_COLUMNS, ResultStore
@@ -34,16 +36,17 @@ log = logging.getLogger("steering")
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import torch
-    import transformers
 
     import steering
 
-    return {"steering": steering.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"steering": steering.__version__, "torch": torch.__version__, "transformers": version("transformers")}
 
 
 def resolve_driver(
-    model: SteeringModel, driver: DriverSpec, layers: Sequence[int], progress: bool, spec: SweepSpec | None = None
+    model: Backend, driver: DriverSpec, layers: Sequence[int], progress: bool, spec: SweepSpec | None = None
 ) -> VectorSet:
     """Load a driver's vector file (checked against the model), extract it at ``layers`` from its dataset, or
     compute a contrast of the setting (``condition``: on ``spec``'s setting, first variant and questions)."""
@@ -76,7 +79,7 @@ def resolve_driver(
     )
 
 
-def resolve_vectors(spec: SweepSpec, model: SteeringModel, progress: bool = True) -> dict[str, VectorSet]:
+def resolve_vectors(spec: SweepSpec, model: Backend, progress: bool = True) -> dict[str, VectorSet]:
     """Every driver's VectorSet plus the random controls (same per-layer norms as ``control_like``)."""
     layers = spec_layers(spec, model)
     vectors = {d.name: resolve_driver(model, d, layers, progress, spec) for d in spec.drivers}
@@ -86,7 +89,7 @@ def resolve_vectors(spec: SweepSpec, model: SteeringModel, progress: bool = True
     return vectors
 
 
-def spec_layers(spec: SweepSpec, model: SteeringModel) -> list[int]:
+def spec_layers(spec: SweepSpec, model: Backend) -> list[int]:
     """The spec's layers under the one layer rule (negative counts from the end), in the spec's order."""
     return list(dict.fromkeys(resolve_layer(layer, model.n_layers) for layer in spec.layers))
 
@@ -118,7 +121,7 @@ class Grid:
         return rows + zero_rows(pd.DataFrame(rows), cells).to_dict("records")
 
 
-def build_grid(spec: SweepSpec, vectors: dict[str, VectorSet], model: SteeringModel) -> Grid:
+def build_grid(spec: SweepSpec, vectors: dict[str, VectorSet], model: Backend) -> Grid:
     """One cell per driver x layer x coefficient; relative coefficients are scaled by the layer's residual norm.
 
     Every steered cell is checked here, before a run is registered, naming its driver and layer: a zero vector
@@ -154,7 +157,7 @@ class SweepRun:
     """What every block of one sweep shares: the spec, the model, the store, the grid, the scorer, the progress."""
 
     spec: SweepSpec
-    model: SteeringModel
+    model: Backend
     store: ResultStore
     grid: Grid
     scorer: Any
@@ -199,7 +202,7 @@ class SweepRun:
 
 def run_sweep(
     spec: SweepSpec | str | Path,
-    model: SteeringModel | None = None,
+    model: Backend | None = None,
     store: ResultStore | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -216,8 +219,8 @@ def run_sweep(
         spec = SweepSpec.from_toml(spec)
     spec.validate()
     backend = spec.backend if model is None else model.backend
-    if not spec.judged and (not model.has_forward_pass if model is not None else backend == "vllm"):
-        raise ValueError(FORWARD_NEEDED.format(name=spec.model, backend=backend))
+    if not spec.judged and not (model if model is not None else model_class(backend)).can_prefill():
+        raise Unsupported(FORWARD_NEEDED.format(name=spec.model, backend=backend))
     inputs = spec.input_hashes()
     log.info("sweep %s: %s rows", spec.name, f"{spec.check_size():,}")
     own_store = store is None
@@ -233,7 +236,7 @@ def run_sweep(
         store.begin_run(spec.name, spec.identity(), model.name, library_versions(), inputs=inputs)
         scorer = judge_for_spec(spec) if spec.judged else ForcedChoiceScorer(model, spec.setting)
         run = SweepRun(spec, model, store, grid, scorer)
-        if not spec.judged or getattr(model, "has_readouts", False):
+        if not spec.judged or model.reads_while_generating():
             run.readout = Readout.of_vectors(vectors, spec_layers(spec, model))
         if spec.judged:
             run.saved = saved_generations(store.frame(spec.name))
@@ -302,7 +305,7 @@ def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) ->
     spec, cells = run.spec, run.grid.scored
     setting = load_setting(spec.setting)
     per_question = len(spec.conditions) * len(cells)
-    step = max(1, spec.batch_size // per_question) if run.model.continuous_batching else 1
+    step = max(1, spec.batch_size // per_question) if run.model.batches_continuously() else 1
     for lo in range(0, len(todo), step):
         chunk = todo[lo : lo + step]
         items = [(q, condition, cell) for q in chunk for condition in spec.conditions for cell in cells]
@@ -349,7 +352,7 @@ def _generate(run: SweepRun, setting, variant: str, seed: int, items: list[tuple
     prompt = lambda q, condition: setting.messages(q.question, condition, variant, scratchpad=True)  # noqa: E731
     if not items:
         return []
-    if run.model.continuous_batching:
+    if run.model.batches_continuously():
         texts = run.model.generate(
             [prompt(q, condition) for q, condition, _ in items],
             spec.max_new_tokens,

@@ -15,7 +15,26 @@ Each backend imports its library only when it needs it.
 
 from __future__ import annotations
 
-NAMES = ("hf", "transformer_lens", "nnsight")
-ENGINES = ("vllm",)  # backends that run their own engine (no transformers module in this process)
+import importlib
 
-__all__ = ["ENGINES", "NAMES"]
+REGISTRY: dict[str, str] = {
+    "hf": "steering.backends.hf:SteeringModel",
+    "transformer_lens": "steering.backends.transformer_lens:TransformerLensModel",
+    "nnsight": "steering.backends.nnsight:NNsightModel",
+    "vllm": "steering.backends.vllm:VLLMModel",
+}
+"""Every backend: its name -> its model class (``package:Class``), which meets ``protocol.Backend``."""
+NAMES = ("hf", "transformer_lens", "nnsight")  # run a transformers module in this process; convert into each other
+ENGINES = ("vllm",)  # run their own engine (no transformers module in this process): loaded, never converted
+
+
+def model_class(name: str) -> type:
+    """The model class of backend ``name`` (imported now; its library is not): ask it a capability before a model
+    is loaded, e.g. ``model_class(spec.backend).can_prefill()``."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; use one of {', '.join(REGISTRY)}")
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["ENGINES", "NAMES", "REGISTRY", "model_class"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from steering.backends.errors import Unsupported
 from steering.coefficients import relative_scale
 from steering.hooks import Intervention, RowLayout, resolve_layer, resolve_layers
 
@@ -65,13 +66,12 @@ class TextModel:
 
     ``SteeringModel`` (a torch module in this process) and engine-backed models such as ``VLLMModel`` share it.
     Subclasses set ``name``, ``tokenizer``, ``n_layers`` and ``d_model`` (``_init_text``) and implement
-    ``residual_norms``, ``capture``, ``steer`` and ``generate``.
+    ``residual_norms``, ``capture``, ``steer`` and ``generate``, and the capabilities they have (``prefill``,
+    ``can_prefill``, ``batches_continuously``, ``reads_while_generating``): together, ``protocol.Backend``.
     """
 
     backend = "hf"
     source = None  # what ``load_model`` loaded the model from (a folder, .gguf file or hub id); None: built in memory
-    has_forward_pass = True  # ``model.model(...)`` runs a forward pass (the forced-choice scorer needs it)
-    continuous_batching = False  # True: one call with many rows is cheaper than several small calls
 
     def _init_text(self, tokenizer, name: str, n_layers: int, d_model: int) -> None:
         self.tokenizer = tokenizer
@@ -99,6 +99,37 @@ class TextModel:
     def residual_norms(self) -> Tensor:
         """Mean L2 norm of the residual stream per layer [n_layers] on fixed neutral text (``NORM_TEXTS``)."""
         raise NotImplementedError
+
+    # ---- capabilities (``steering.backends.protocol``): none by default; each backend says what it has ---------
+    def prefill(self, ids: Sequence[int] | None):
+        """A prefix-cached scoring session (``protocol.ScoringSession``); this backend has no forward pass."""
+        raise Unsupported(
+            f"{self.name} runs on the {self.backend} backend, which has no forward pass to score with; use "
+            "generate() and capture(), scorer='judge' in sweeps, or load it with backend='hf'"
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes (sizes scoring batches); needs ``prefill``."""
+        raise Unsupported(f"the {self.backend} backend has no scoring session, so no KV cache to size")
+
+    def sliding_window(self) -> int | None:
+        """The model's sliding attention window, if any."""
+        return None
+
+    @classmethod
+    def can_prefill(cls) -> bool:
+        """Whether ``prefill`` works (the forced-choice scorer needs it)."""
+        return False
+
+    @classmethod
+    def batches_continuously(cls) -> bool:
+        """Whether one call with many rows is cheaper than several small calls (continuous batching)."""
+        return False
+
+    @classmethod
+    def reads_while_generating(cls) -> bool:
+        """Whether ``generate_with_readouts`` is verified on this backend."""
+        return False
 
     # ---- text ----------------------------------------------------------------------------------------------
     def format_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:

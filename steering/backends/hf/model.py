@@ -35,7 +35,6 @@ class SteeringModel(TextModel):
     """
 
     backend = "hf"
-    has_readouts = True  # generate_with_readouts: driver projections read while generating
 
     def __init__(self, model: nn.Module, tokenizer, name: str | None = None, layers_path: str | None = None):
         self.model = model
@@ -70,6 +69,24 @@ class SteeringModel(TextModel):
         """A scoring session whose KV cache holds ``ids`` (one shared prefix, computed now); ``None``: a session
         that runs whole prompts. See ``steering.backends.hf.session``."""
         return PrefixSession(self, ids)
+
+    @classmethod
+    def can_prefill(cls) -> bool:
+        return True
+
+    # ---- conversion between the in-process backends (``steering.models.wrap_backend``) -----------------------
+    def hf_module(self) -> nn.Module:
+        """The Hugging Face model this object runs (shared by every in-process backend's wrapper)."""
+        return self.model
+
+    @classmethod
+    def convert(cls, model: SteeringModel, eager_attention: bool = False) -> SteeringModel:
+        """A model of this backend over ``model``'s Hugging Face module (shared, not copied)."""
+        return SteeringModel(model.hf_module(), model.tokenizer, model.name, model.layers_path)
+
+    @classmethod
+    def reads_while_generating(cls) -> bool:
+        return True  # verified on plain transformers (tests/test_readouts.py)
 
     def keeps_logits(self) -> bool:
         """Whether the forward takes ``logits_to_keep`` (then scoring computes the LM head at one position only)."""

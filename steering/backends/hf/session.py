@@ -27,9 +27,7 @@ import torch
 from torch import Tensor
 
 from steering.backends.base import pad_rows
-from steering.hooks import Intervention, RowLayout
-
-Pass = tuple[int, Sequence[Intervention], RowLayout]  # (cells per row m, interventions, layout of the k x m rows)
+from steering.backends.protocol import Pass
 
 
 class PrefixSession:

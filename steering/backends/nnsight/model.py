@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from steering.backends.base import NORM_TEXTS, Encoded, Prompt
 from steering.backends.hf import SteeringModel
@@ -54,7 +54,6 @@ class NNsightModel(SteeringModel):
     """
 
     backend = "nnsight"
-    has_readouts = False  # generation readouts are verified on plain transformers only
 
     def __init__(
         self, lm, tokenizer=None, name: str | None = None, layers_path: str | None = None, remote: bool = False
@@ -101,3 +100,15 @@ class NNsightModel(SteeringModel):
             self.model.plans.remove(plan)
             scope.remove()
         plan.check_reached()
+
+    @classmethod
+    def reads_while_generating(cls) -> bool:
+        return False  # generation readouts are verified on plain transformers only
+
+    def hf_module(self) -> nn.Module:
+        return self.model.module
+
+    @classmethod
+    def convert(cls, model: SteeringModel, eager_attention: bool = False) -> SteeringModel:
+        """``model``'s Hugging Face module in an nnsight ``TransformersModel`` (local execution)."""
+        return cls(nns.wrap(model.hf_module(), model.tokenizer), model.tokenizer, model.name, model.layers_path)

@@ -21,7 +21,6 @@ class TransformerLensModel(SteeringModel):
     """
 
     backend = "transformer_lens"
-    has_readouts = False  # generation readouts are verified on plain transformers only
 
     def __init__(self, bridge: nn.Module, tokenizer=None, name: str | None = None, layers_path: str | None = None):
         tokenizer = tokenizer if tokenizer is not None else bridge.tokenizer
@@ -39,3 +38,14 @@ class TransformerLensModel(SteeringModel):
         """Context manager: every forward inside is steered through bridge hooks; removed on exit and on errors."""
         with tl.steer(self.bridge, interventions, layout, self.layers_path) as tracker:
             yield tracker
+
+    @classmethod
+    def reads_while_generating(cls) -> bool:
+        return False  # generation readouts are verified on plain transformers only
+
+    @classmethod
+    def convert(cls, model: SteeringModel, eager_attention: bool = False) -> SteeringModel:
+        """``model``'s Hugging Face module in a TransformerLens bridge (booted in place: its blocks become bridge
+        components, numbers unchanged); ``eager_attention=True`` keeps TransformerLens's eager attention."""
+        bridge = getattr(model, "bridge", None) or tl.boot(model.hf_module(), model.tokenizer, eager_attention)
+        return cls(bridge, model.tokenizer, model.name, model.layers_path)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from steering.backends.base import NORM_TEXTS, Encoded, Prompt, TextModel
+from steering.backends.errors import UnsupportedAttribute
 from steering.backends.vllm import compat, wire
 from steering.backends.vllm.plugin import plugin_declared
 from steering.backends.vllm.scheduler import block_keys_installed, install_block_keys
@@ -148,29 +149,6 @@ def load_vllm(
     return VLLMModel(llm, tokenizer, name)
 
 
-class _NoForwardPass:
-    """Stands in for ``model.model`` on the vLLM backend, which has no forward pass to call."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, *args, **kwargs):
-        raise ValueError(
-            f"{self.name} runs on the vLLM backend, which has no forward pass (model.model(...)); use generate() and "
-            "capture(), scorer='judge' in sweeps, or load it with backend='hf'"
-        )
-
-    generate = forward = __call__
-
-    def __getattr__(self, attr: str):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        try:
-            self()
-        except ValueError as exc:
-            raise AttributeError(str(exc)) from None
-
-
 class VLLMModel(TextModel):
     """The steering API (``generate``, ``capture``, ``intervention``, ``steer``, ``encode``, ``residual_norms``) on a
     vLLM engine. ``.llm`` is the ``vllm.LLM``.
@@ -181,8 +159,6 @@ class VLLMModel(TextModel):
     """
 
     backend = "vllm"
-    has_forward_pass = False
-    continuous_batching = True
 
     def __init__(self, llm, tokenizer=None, name: str | None = None):
         compat.require()
@@ -202,7 +178,6 @@ class VLLMModel(TextModel):
             raise ValueError(f"this vLLM engine has no steering worker extension ({exc}); {how}") from None
         self._init_text(tokenizer, name or config.model, info["n_layers"], info["d_model"])
         self.llm = llm
-        self.model = _NoForwardPass(self.name)
         self.max_model_len = int(config.max_model_len)
         self.dtype = config.dtype
         self._sent: set[str] = set()  # vector ids on the workers
@@ -218,6 +193,47 @@ class VLLMModel(TextModel):
                 "installed: prefix caching falls back to one cache salt per distinct steering (exact, less sharing); "
                 "`pip install -e .` registers the plugin"
             )
+
+    @property
+    def model(self):
+        """There is no forward pass to call on this backend (no ``model.model``): ``UnsupportedAttribute``."""
+        raise UnsupportedAttribute(
+            f"{self.name} runs on the vLLM backend, which has no forward pass (model.model(...)); use generate() and "
+            "capture(), scorer='judge' in sweeps, or load it with backend='hf'"
+        )
+
+    @classmethod
+    def batches_continuously(cls) -> bool:
+        return True
+
+    # ---- loading (``load_model(..., backend="vllm")``) -------------------------------------------------------
+    @classmethod
+    def load_engine(cls, *args: Any, **kwargs: Any) -> VLLMModel:
+        """``load_vllm``: a new engine for a model folder or hub id."""
+        return load_vllm(*args, **kwargs)
+
+    @classmethod
+    def check_engine_kwargs(cls, engine_kwargs: dict) -> None:
+        """Refuse engine arguments that other parameters set, or that this vLLM does not know (a ValueError naming
+        the key, before the tokenizer or the engine loads; vLLM itself raised a TypeError for an unknown one)."""
+        import dataclasses
+
+        from steering.engine_args import RESERVED_ENGINE_KEYS
+
+        for key in engine_kwargs:
+            if key in RESERVED_ENGINE_KEYS:
+                raise ValueError(
+                    f"engine argument {key!r} cannot be set here; use load_model's own parameters (model_id, dtype, "
+                    "tensor_parallel_size, trust_remote_code)"
+                )
+        try:
+            from vllm.engine.arg_utils import EngineArgs
+        except ImportError:
+            return  # load_vllm says how to install vLLM
+        known = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(engine_kwargs) - known)
+        if unknown:
+            raise ValueError(f"vLLM has no engine argument {unknown[0]!r}; see vllm.engine.arg_utils.EngineArgs")
 
     def __repr__(self) -> str:
         return f"VLLMModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, backend='vllm')"
