@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from steering.backends import ENGINES, model_class
-from steering.backends.base import TextModel
 from steering.backends.hf import SteeringModel
 from steering.backends.hf.loading import load_causal_lm, load_tokenizer
+from steering.backends.protocol import Backend
 from steering.models.wrap import BACKENDS, wrap_backend
 
 
@@ -22,7 +22,7 @@ def load_model(
     layers_path: str | None = None,
     tensor_parallel_size: int = 1,
     **engine_kwargs,
-) -> TextModel:
+) -> Backend:
     """Load a causal LM: a hub id, a local folder, a ``.gguf`` file, ``"default"`` (the offline default model) or
     ``"organism"`` (the default model with the shipped alignment-faking adapter merged: a known positive).
 

@@ -178,6 +178,15 @@ def _surface_checks() -> Iterator[tuple[str, Any]]:
         yield f"vllm.envs {name}", name in known
 
 
+def engine_arg_names() -> set[str] | None:
+    """The names of vLLM's engine arguments (``EngineArgs`` fields), or None without vLLM installed."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:
+        return None
+    return _fields(EngineArgs)
+
+
 def problems() -> list[str]:
     """Each static vLLM surface the backend relies on that is missing or changed, by name ([] when all hold)."""
     found: list[str] = []

@@ -216,8 +216,6 @@ class VLLMModel(TextModel):
     def check_engine_kwargs(cls, engine_kwargs: dict) -> None:
         """Refuse engine arguments that other parameters set, or that this vLLM does not know (a ValueError naming
         the key, before the tokenizer or the engine loads; vLLM itself raised a TypeError for an unknown one)."""
-        import dataclasses
-
         from steering.engine_args import RESERVED_ENGINE_KEYS
 
         for key in engine_kwargs:
@@ -226,11 +224,9 @@ class VLLMModel(TextModel):
                     f"engine argument {key!r} cannot be set here; use load_model's own parameters (model_id, dtype, "
                     "tensor_parallel_size, trust_remote_code)"
                 )
-        try:
-            from vllm.engine.arg_utils import EngineArgs
-        except ImportError:
+        known = compat.engine_arg_names()
+        if known is None:
             return  # load_vllm says how to install vLLM
-        known = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(engine_kwargs) - known)
         if unknown:
             raise ValueError(f"vLLM has no engine argument {unknown[0]!r}; see vllm.engine.arg_utils.EngineArgs")
