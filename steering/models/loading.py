@@ -72,12 +72,9 @@ def load_model(
         source = name
     tokenizer = load_tokenizer(source, **kwargs)
     if backend in ENGINES:
-        if "gguf_file" in kwargs:
-            raise ValueError(
-                f"the {backend} backend loads a model folder or hub id, not a .gguf file; use backend='hf'"
-            )
         engine = model_class(backend).load_engine(
-            str(source), name, tokenizer, dtype, tensor_parallel_size, trust_remote_code, **engine_kwargs
+            str(source), name, tokenizer, dtype, tensor_parallel_size, trust_remote_code, kwargs.get("gguf_file"),
+            **engine_kwargs,
         )  # fmt: skip
         engine.source = source
         return engine

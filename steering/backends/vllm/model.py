@@ -208,9 +208,21 @@ class VLLMModel(TextModel):
 
     # ---- loading (``load_model(..., backend="vllm")``) -------------------------------------------------------
     @classmethod
-    def load_engine(cls, *args: Any, **kwargs: Any) -> VLLMModel:
-        """``load_vllm``: a new engine for a model folder or hub id."""
-        return load_vllm(*args, **kwargs)
+    def load_engine(
+        cls,
+        source: str,
+        name: str,
+        tokenizer,
+        dtype: str | torch.dtype = "float32",
+        tensor_parallel_size: int = 1,
+        trust_remote_code: bool = False,
+        gguf_file: str | None = None,
+        **engine_kwargs: Any,
+    ) -> VLLMModel:
+        """``load_vllm``: a new engine for a model folder or hub id (a ``.gguf`` file is refused)."""
+        if gguf_file is not None:
+            raise ValueError("the vLLM backend loads a model folder or hub id, not a .gguf file; use backend='hf'")
+        return load_vllm(source, name, tokenizer, dtype, tensor_parallel_size, trust_remote_code, **engine_kwargs)
 
     @classmethod
     def check_engine_kwargs(cls, engine_kwargs: dict) -> None:
