@@ -1,9 +1,9 @@
 """Model internals: find decoder blocks, capture the residual stream, intervene on it.
 
-This is the only part of ``steering`` that touches model internals; it imports nothing else of ours. The engine is
-``Plan``: interventions grouped per layer, resolved once per forward call; every backend (plain transformers in
-``steer``, TransformerLens and nnsight in ``backends/``) drives it through ``plan.tracker`` / ``plan.begin`` and
-``plan.edit``.
+With the backends (``steering/backends/``, one package per library that runs a model) this is the only code that
+touches model internals; it imports nothing else of ours. The engine is ``Plan``: interventions grouped per layer,
+resolved once per forward call; every backend drives it through ``plan.tracker`` / ``plan.begin`` and ``plan.edit``
+(plain transformers through ``drive`` in ``steer.py``, the others through their package's hook adapter).
 """
 
 from .capture import At, capture, select_rows
