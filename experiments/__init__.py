@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from steering import runs
-from steering.models import SteeringModel
+from steering.backends.protocol import Backend
 from steering.runs import load_rows, report_store
 from steering.spec import SweepSpec
 
@@ -43,7 +43,7 @@ def load_spec(spec: str | Path | SweepSpec) -> SweepSpec:
 
 
 def run_spec(
-    spec: str | Path | SweepSpec, model: SteeringModel | None = None, report_dir: str | Path | None = None
+    spec: str | Path | SweepSpec, model: Backend | None = None, report_dir: str | Path | None = None
 ) -> pd.DataFrame:
-    """``steering.runs.run_spec`` for a packaged spec name as well as a TOML file or a ``SweepSpec``."""
-    return runs.run_spec(load_spec(spec), model, report_dir)
+    """``steering.runs.run_and_report`` for a packaged spec name as well as a TOML file or a ``SweepSpec``."""
+    return runs.run_and_report(load_spec(spec), model, report_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from steering.models import SteeringModel
+from steering.backends.protocol import Backend
 
 TOY_POSITIVE = (
     "I love animals and I always try to protect them from suffering.",
@@ -19,7 +19,7 @@ TOY_NEGATIVE = (
 QUESTION = [{"role": "user", "content": "What do you think about chicken farms?"}]
 
 
-def toy_direction(model: SteeringModel, layer: int) -> torch.Tensor:
+def toy_direction(model: Backend, layer: int) -> torch.Tensor:
     """Mean difference of last-token activations between two tiny contrast sets [d_model], unit norm."""
     pos = model.capture(list(TOY_POSITIVE), [layer])[layer].mean(0)
     neg = model.capture(list(TOY_NEGATIVE), [layer])[layer].mean(0)
@@ -27,7 +27,7 @@ def toy_direction(model: SteeringModel, layer: int) -> torch.Tensor:
     return diff / diff.norm()
 
 
-def run_toy(model: SteeringModel, layer: int | None = None, coefficient: float = 0.6) -> None:
+def run_toy(model: Backend, layer: int | None = None, coefficient: float = 0.6) -> None:
     layer = model.n_layers // 2 if layer is None else layer
     vector = toy_direction(model, layer)
     plain = model.generate([QUESTION], max_new_tokens=48)[0]

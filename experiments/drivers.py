@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from steering.models import SteeringModel
+from steering.backends.protocol import Backend
 from steering.vectors import DRIVERS, export_gguf, extract, layer_quality, load_driver
 
 
 def run_drivers(
-    model: SteeringModel,
+    model: Backend,
     out: str | Path = "vectors_out",
     drivers: tuple[str, ...] = DRIVERS,
     method: str = "mean_diff",

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from steering.backends.protocol import Backend
 from steering.experiments.study import run_study
-from steering.models import SteeringModel
 
 
-def run_quickstart(model: SteeringModel, out: str | Path = "reports/quickstart") -> dict[str, Path]:
+def run_quickstart(model: Backend, out: str | Path = "reports/quickstart") -> dict[str, Path]:
     """Run ``specs/quickstart.toml`` on ``model``, print the headline, write the report into ``out``."""
     return run_study("quickstart", model, out, title="Quickstart: three drivers on " + model.name)

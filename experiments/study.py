@@ -9,24 +9,25 @@ from pathlib import Path
 import pandas as pd
 
 from steering.analysis import outside_control_band, steerability
+from steering.backends.protocol import Backend
 from steering.experiments import load_spec
-from steering.models import SteeringModel, load_model
+from steering.models import load_model
 from steering.readouts import readout_table
 from steering.report import write_report
-from steering.runs import run_spec
+from steering.runs import run_and_report
 from steering.stats import gap_table
 from steering.validity import chance_note, valid_rows
 
 
 def run_study(
-    name: str, model: SteeringModel | None = None, out: str | Path | None = None, title: str | None = None
+    name: str, model: Backend | None = None, out: str | Path | None = None, title: str | None = None
 ) -> dict[str, Path]:
     """Run (or resume) the packaged spec ``name`` on ``model`` (default: the spec's), report into ``out``
     (default ``reports/<name>``) and print the headline numbers."""
     spec = load_spec(name)
     model = model or load_model(spec.model, **spec.model_kwargs())
     start = time.perf_counter()
-    rows = run_spec(spec, model=model)
+    rows = run_and_report(spec, model=model)
     out = Path(out) if out else Path("reports") / spec.name
     paths = write_report(rows, out, title=title or f"{spec.name} on {model.name}")
     print(f"\n{spec.name} on {model.name}: {len(rows)} rows in {spec.store_path} ({time.perf_counter() - start:.0f} s)")

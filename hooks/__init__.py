@@ -1,12 +1,12 @@
 """Model internals: find decoder blocks, capture the residual stream, intervene on it.
 
-This is the only part of ``steering`` that touches model internals; it imports nothing else of ours. The engine is
-``Plan``: interventions grouped per layer, resolved once per forward call; every backend (plain transformers in
-``steer``, TransformerLens and nnsight in ``backends/``) drives it through ``plan.tracker`` / ``plan.begin`` and
-``plan.edit``.
+With the backends (``steering/backends/``, one package per library that runs a model) this is the only code that
+touches model internals; it imports nothing else of ours. The engine is ``Plan``: interventions grouped per layer,
+resolved once per forward call; every backend drives it through ``plan.tracker`` / ``plan.begin`` and ``plan.edit``
+(plain transformers through ``drive`` in ``steer.py``, the others through their package's hook adapter).
 """
 
-from .capture import At, capture, mean_norms, select_rows
+from .capture import At, capture, select_rows
 from .intervention import OPERATIONS, Intervention
 from .layers import (
     find_layers,
@@ -18,13 +18,15 @@ from .layers import (
     resolve_layer,
     resolve_layers,
 )
+from .norms import FIRST_COUNTED, counted, mean_norm, mean_norms, token_norms
 from .plan import Plan, steer_module
 from .positions import MODES, Positions, PositionTracker, RowLayout, check_layout, row_positions
 from .readout import read_last
-from .steer import steer
+from .steer import drive, steer
 
 __all__ = [
     "At",
+    "FIRST_COUNTED",
     "MODES",
     "OPERATIONS",
     "Intervention",
@@ -34,10 +36,13 @@ __all__ = [
     "RowLayout",
     "capture",
     "check_layout",
+    "counted",
+    "drive",
     "find_layers",
     "find_layers_path",
     "find_stack",
     "hidden_of",
+    "mean_norm",
     "mean_norms",
     "model_d_model",
     "read_last",
@@ -48,4 +53,5 @@ __all__ = [
     "select_rows",
     "steer",
     "steer_module",
+    "token_norms",
 ]

@@ -59,6 +59,30 @@ class At:
         """Mean over row positions ``start[b] <= p < end[b]``."""
         return cls(span=(torch.as_tensor(start, dtype=torch.long), torch.as_tensor(end, dtype=torch.long)))
 
+    # ---- resolution against each row's length: the one definition every backend reads positions by ----------
+    def targets(self, lengths: Tensor) -> tuple[Tensor, bool]:
+        """Index form: the row position of each read, [B, k] (negative indices counted from each row's end), and
+        whether ``index`` had one position per row ([B]: drop the ``k`` axis of what is read). ``lengths`` [B]: real
+        tokens per row. Raises a ``ValueError`` for a position outside its row."""
+        index = self.index.to(device=lengths.device, dtype=torch.long)
+        squeeze = index.dim() == 1
+        index = index[:, None] if squeeze else index
+        target = torch.where(index < 0, lengths[:, None] + index, index)  # [B, k]
+        if bool(((target < 0) | (target >= lengths[:, None])).any()):
+            raise ValueError(
+                f"capture position out of range for a row of length {int(lengths.min())}; check the indices"
+            )
+        return target, squeeze
+
+    def bounds(self, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Span form: each row's half-open ``[start, end)`` clipped to its tokens ``[0, length)``, two [B] tensors.
+        Raises a ``ValueError`` when a row's span covers no token."""
+        start, end = (x.to(device=lengths.device, dtype=torch.long) for x in self.span)
+        start, end = start.clamp(min=0), torch.minimum(end, lengths)
+        if bool((end <= start).any()):
+            raise ValueError("a capture span covers no tokens in some row; check start < end within the row length")
+        return start, end
+
 
 def padded_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> dict[str, Tensor]:
     """Forward kwargs with ``position_ids`` from the mask, so a padded row sees the positions it has alone
@@ -88,20 +112,10 @@ class ReadIndex:
         """From row positions ``pos`` [B, T] (-1 = padding); checks the positions exist (one host sync)."""
         lengths = pos.max(dim=1).values + 1  # [B] real tokens per row
         if at.span is not None:
-            start, end = (x.to(pos.device) for x in at.span)
-            weight = ((pos >= start[:, None]) & (pos < end[:, None]) & (pos >= 0)).float()
-            count = weight.sum(dim=1, keepdim=True)
-            if bool((count == 0).any()):
-                raise ValueError("a capture span covers no tokens in some row; check start < end within the row length")
-            return cls(weight=weight / count)
-        index = at.index.to(pos.device)
-        squeeze = index.dim() == 1
-        index = index[:, None] if squeeze else index
-        target = torch.where(index < 0, lengths[:, None] + index, index)  # [B, k]
-        if bool(((target < 0) | (target >= lengths[:, None])).any()):
-            raise ValueError(
-                f"capture position out of range for a row of length {int(lengths.min())}; check the indices"
-            )
+            start, end = at.bounds(lengths)
+            weight = ((pos >= start[:, None]) & (pos < end[:, None])).float()
+            return cls(weight=weight / weight.sum(dim=1, keepdim=True))
+        target, squeeze = at.targets(lengths)
         columns = (pos[:, None, :] == target[:, :, None]).to(torch.int8).argmax(dim=-1)  # [B, k]
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
         return cls(rows=rows, columns=columns, squeeze=squeeze)
@@ -174,33 +188,3 @@ def _own_thread_tracker() -> tuple[PositionTracker, Callable[[], bool]]:
     tracker = PositionTracker()
     tracker.active = mine
     return tracker, mine
-
-
-def mean_norms(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, layers_path: str | None = None
-) -> Tensor:
-    """Mean L2 norm of each decoder block's output [n_layers] over real tokens, each row's first token skipped
-    (it is often an outlier attention sink)."""
-    blocks = find_layers(model, layers_path)
-    tracker, mine = _own_thread_tracker()
-    norms = torch.zeros(len(blocks))
-
-    def make_hook(index: int):
-        def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
-            if not mine():
-                return
-            per_token = hidden_of(output).detach().float().norm(dim=-1)
-            keep = (tracker.positions.to(per_token.device) >= 1).to(torch.float32)
-            norms[index] = float((per_token * keep).sum() / keep.sum().clamp(min=1))
-
-        return hook
-
-    handles = tracker.attach(model, find_stack(model, layers_path))
-    try:
-        handles += [block.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
-        with torch.no_grad():
-            model(**padded_inputs(input_ids, attention_mask), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return norms

@@ -15,6 +15,7 @@ KNOWN_PATHS = (
     "transformer.h",  # GPT-2
     "gpt_neox.layers",  # GPT-NeoX / Pythia
     "model.decoder.layers",  # OPT-style
+    "model.model.layers",  # vLLM's Transformers modeling backend
     "layers",  # a bare decoder stack
 )
 

@@ -131,12 +131,20 @@ class Plan:
                 )
 
     def scope(self) -> _Scope:
-        """Make this plan's module hooks act only in the current context (thread / asyncio task) until the returned
-        handle's ``remove()``; ``steer_module`` does it."""
+        """Make this plan active only in the current context (thread / asyncio task) until the returned handle's
+        ``remove()``: ``is_active()`` is then False elsewhere. Module hooks (``steer_module``, the TransformerLens
+        hooks) and the position tracker (``scope_hooks``) check it on every call; nnsight checks it where a trace is
+        dispatched (the trace may run elsewhere, remotely included)."""
         self._scoped = True
-        self.tracker.active = self.is_active
         _ACTIVE.set(_ACTIVE.get() | {id(self)})
         return _Scope(self)
+
+    def scope_hooks(self) -> _Scope:
+        """``scope()`` for a plan driven by module hooks in this process: its position tracker also ignores calls
+        from other contexts."""
+        handle = self.scope()
+        self.tracker.active = self.is_active
+        return handle
 
     def is_active(self) -> bool:
         """Whether this plan's module hooks act in the current context (always, for an unscoped plan)."""
@@ -273,7 +281,7 @@ def steer_module(model: nn.Module, plan: Plan, layers: nn.ModuleList, stack: nn.
     """Register ``plan`` on a transformers-style model: the position tracker on the decoder stack and one forward
     hook per planned layer, acting only in the calling thread / context (``Plan.scope``). Returns the handles; remove
     them to unsteer."""
-    handles = [plan.scope(), *plan.tracker.attach(model, stack)]
+    handles = [plan.scope_hooks(), *plan.tracker.attach(model, stack)]
     try:
         for index in plan.layers:
             handles.append(layers[index].register_forward_hook(plan.hook(index)))

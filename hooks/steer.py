@@ -28,7 +28,16 @@ def steer(
     """
     layers = find_layers(model, layers_path)
     plan = Plan(interventions, len(layers), model_d_model(model), layout)
-    handles = steer_module(model, plan, layers, find_stack(model, layers_path))
+    with drive(model, plan, layers, find_stack(model, layers_path)) as tracker:
+        yield tracker
+
+
+@contextmanager
+def drive(model: nn.Module, plan: Plan, layers: Sequence[nn.Module], stack: nn.Module) -> Iterator[PositionTracker]:
+    """Drive ``plan`` through forward hooks on ``layers`` (the decoder blocks of ``model``; ``stack`` receives the
+    mask, position ids and KV cache) for the duration of the block: the one implementation behind ``steer`` and
+    every model object that already knows its blocks. Yields the plan's position tracker."""
+    handles = steer_module(model, plan, layers, stack)
     try:
         yield plan.tracker
     finally:

@@ -1,9 +1,9 @@
 """Compare drivers and layers on sweep results: gap curves, steerability slopes, random-control bands, and a
 logistic decomposition of compliance into condition x driver-coefficient effects.
 
-Conventions: driver "none" (layer -1, coefficient 0) is the unsteered baseline; drivers whose name starts with
-"random" are random-direction controls. Where a steered (driver, layer) has no coefficient-0 rows, the
-baseline rows stand in for its coefficient 0 (`attach_baseline`), so every curve starts from the same point.
+Conventions: driver "none" (coefficient 0, no layer: `steering.baseline`) is the unsteered baseline; drivers whose
+name starts with "random" are random-direction controls. Where a steered (driver, layer) has no coefficient-0 rows,
+the baseline rows stand in for its coefficient 0 (`attach_baseline`), so every curve starts from the same point.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pandas as pd
 from scipy import special as _sp
 from scipy import stats as _st
 
+from steering.baseline import BASELINE_DRIVER, zero_rows
 from steering.stats import CONTEXT_COLUMNS, context_columns, gap_table, unit_gaps
 
-BASELINE_DRIVER = "none"
 CONTROL_PREFIX = "random"
 POOLED_CONTROLS = "controls"
 """Name of the single decomposition term that pools all random-control drivers."""
@@ -61,10 +61,7 @@ def attach_baseline(df: pd.DataFrame) -> pd.DataFrame:
     lacking = has_zero[~has_zero].reset_index()[cell]
     if lacking.empty:
         return df
-    others = base.drop(columns=["driver", "layer"])
-    added = lacking.merge(others, on=match, how="inner") if match else lacking.merge(others, how="cross")
-    added["coefficient"] = 0.0
-    return pd.concat([df, added[df.columns]], ignore_index=True)
+    return pd.concat([df, zero_rows(df, lacking, match)], ignore_index=True)
 
 
 def gap_curves(df: pd.DataFrame, *, baseline: bool = True, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:

@@ -10,12 +10,13 @@ conversations with one batch row per (conversation, cell). Steering ``response``
 tokens, so reusing the unsteered prefix is exact. Padding between conversations of different lengths is masked
 and each row keeps its own positions, so a batch gives every row the numbers it gets alone. How many
 conversations share a pass comes from a token budget (``max_batch_tokens``; by default sized to the device).
+
+The KV cache itself belongs to the backend: the scorer asks ``model.prefill(prefix)`` for a scoring session and hands
+it the rows and passes it planned (``steering.backends.hf.session``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,9 +27,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from steering.backends.protocol import Backend, Unsupported
+from steering.baseline import BASELINE_DRIVER, row_layer
 from steering.hooks import Intervention, RowLayout
-from steering.models import SteeringModel
-from steering.models.base import pad_rows
 from steering.questions import Question
 from steering.scenario import CONDITIONS, Setting, load_setting
 
@@ -50,11 +51,12 @@ FORWARD_NEEDED = (
 class Cell:
     """One steering setting: ``driver`` vector at ``layer`` times ``coefficient`` (x ``scale``, e.g. a norm).
 
-    ``driver="none"`` with ``vector=None`` is the unsteered baseline.
+    ``BASELINE`` (driver ``"none"``, no layer, no vector) is the unsteered baseline; its rows store ``layer``
+    as ``steering.baseline.NO_LAYER``.
     """
 
-    driver: str = "none"
-    layer: int = -1
+    driver: str = BASELINE_DRIVER
+    layer: int | None = None
     coefficient: float = 0.0
     vector: Tensor | None = None
     scale: float = 1.0
@@ -150,15 +152,14 @@ class Readout:
 class ForcedChoiceScorer:
     """Scores conversations x cells on one model and setting; see the module docstring for the method."""
 
-    def __init__(self, model: SteeringModel, setting: Setting | str = "animal_welfare", prefill: str = PREFILL):
-        if not getattr(model, "has_forward_pass", True):
-            raise ValueError(FORWARD_NEEDED.format(name=model.name, backend=model.backend))
+    def __init__(self, model: Backend, setting: Setting | str = "animal_welfare", prefill: str = PREFILL):
+        if not model.can_prefill():
+            raise Unsupported(FORWARD_NEEDED.format(name=model.name, backend=model.backend))
         self.model = model
         self.setting = load_setting(setting) if isinstance(setting, str) else setting
         self.prefill = prefill
         self.letter_ids = [self._letter_id(letter) for letter in LETTERS]
         self.tokens_processed = 0
-        self._logits_to_keep: bool | None = None
         self._vectors: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (vector, its copy on the model's device)
         self._readout: dict[int, Tensor | None] | None = None  # the call's readout directions, on the device
 
@@ -201,24 +202,6 @@ class ForcedChoiceScorer:
     def _letter_probs(self, logits: Tensor) -> Tensor:
         """[rows, 2] probabilities of the two letters at the answer position."""
         return logits.float().softmax(-1)[:, self.letter_ids]
-
-    @torch.no_grad()
-    def _forward(self, ids: Tensor, mask: Tensor, cache=None, position_ids: Tensor | None = None) -> Tensor:
-        """Logits [rows, vocab] at the last column of ``ids``; ``mask`` covers cached and new tokens."""
-        kwargs = {} if position_ids is None else {"position_ids": position_ids}
-        if self._keeps_logits:
-            kwargs["logits_to_keep"] = 1  # only the answer position: saves the LM head on every other token
-        out = self.model.model(
-            input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None, **kwargs
-        )
-        return out.logits[:, -1]
-
-    @property
-    def _keeps_logits(self) -> bool:
-        if self._logits_to_keep is None:
-            params = inspect.signature(self.model.model.forward).parameters
-            self._logits_to_keep = "logits_to_keep" in params
-        return self._logits_to_keep
 
     def score_conversations(
         self,
@@ -266,45 +249,32 @@ class ForcedChoiceScorer:
         if readout is not None:
             place = lambda t: None if t is None else t.to(device=self.model.device, dtype=self.model.dtype)  # noqa: E731
             self._readout = {layer: place(rows) for layer, rows in readout.directions.items()}
-        cache = None
-        if reuse_prefix:
-            from transformers import DynamicCache
-
-            # Sliding-window layers of a config-built cache drop old tokens and then refuse to crop the suffix
-            # back out; a cache of plain layers keeps every token (the attention mask applies the window).
-            sliding = sliding_window(self.model) is not None
-            cache = DynamicCache() if sliding else DynamicCache(config=self.model.model.config)
-            prefix = torch.tensor([ids[0][:shared]], device=self.model.device)
-            self.tokens_processed += shared
-            self._forward(prefix, torch.ones_like(prefix), cache)
+        session = self.model.prefill(ids[0][:shared] if reuse_prefix else None)
+        self.tokens_processed += session.tokens_processed
         bar = tqdm(total=len(conversations), desc=f"forced choice [{variant}]", disable=not progress, leave=False)
         for group in groups:
             rows = [ids[j] for j in group.conversations]
             begins = [starts[j] for j in group.conversations]
-            if reuse_prefix:
-                probs = self._score_group_cached(rows, begins, shared, cells, group.cells, positions, cache)
-            else:
-                probs = self._score_group_full(rows, begins, cells, group.cells, positions)
+            passes = self._passes(rows, begins, cells, group.cells, positions)
+            before = session.tokens_processed
+            results = session.score(rows, begins, passes, self._letter_probs, self._readout)
+            self.tokens_processed += session.tokens_processed - before
+            probs = _per_conversation(
+                [p.view(len(rows), m, 2) for (p, _), (m, *_) in zip(results, passes)],
+                [{layer: r.float().view(len(rows), m, -1) for layer, r in reads.items()}
+                 for (_, reads), (m, *_) in zip(results, passes)],
+                len(rows),
+            )  # fmt: skip
             for j, (conv_probs, conv_reads) in zip(group.conversations, probs):
                 yield Scored(conversations[j], conv_probs, conv_reads)
             bar.update(len(group.conversations))
         bar.close()
-
-    def _pad_rows(self, parts: list[list[int]], side: str) -> tuple[Tensor, Tensor]:
-        """Token ids and mask [k, width] of ``parts`` padded on ``side`` (host tensors)."""
-        return pad_rows(parts, self.model.tokenizer.pad_token_id, side)
 
     def _layout(self, rows: list[list[int]], begins: list[int], per_conv: int) -> RowLayout:
         device = self.model.device
         lengths = torch.tensor([len(r) for r in rows]).repeat_interleave(per_conv)
         response = torch.tensor(begins).repeat_interleave(per_conv)
         return RowLayout(prompt_len=lengths.to(device), response_start=response.to(device))
-
-    def _reading(self):
-        """The readout context of one pass (records nothing when no readout was asked for)."""
-        if not self._readout:
-            return contextlib.nullcontext({})
-        return self.model.readout(self._readout)
 
     def _placed(self, vector: Tensor) -> Tensor:
         """``vector`` on the model's device and dtype, copied once per scoring call (no copy inside a forward)."""
@@ -322,90 +292,6 @@ class ForcedChoiceScorer:
             ivs = interventions_for(chunk * k, positions, self._placed)
             out.append((len(chunk), ivs, self._layout(rows, begins, len(chunk))))
         return out
-
-    def _score_group_cached(
-        self,
-        rows: list[list[int]],
-        begins: list[int],
-        shared: int,
-        cells: Sequence[Cell],
-        per_pass: int,
-        positions: str,
-        cache,
-    ) -> list[list[Tensor]]:
-        """Cells of ``k`` conversations over the shared prefix in ``cache`` (batch 1, ``shared`` tokens).
-
-        The user turns of the ``k`` conversations run in one batch on top of the prefix (right-padded, so padding
-        sits inside the cache, masked); then per pass the cache is repeated per cell and the assistant headers +
-        prefill (left-padded, so every row's answer position is the last column) run with rows = conversation x
-        cell. Padding is masked and ``position_ids`` are each row's own, so every row computes what it would alone;
-        the hooks read row positions from the 2-D mask, so ``response`` touches exactly each row's real suffix.
-        """
-        device, k = self.model.device, len(rows)
-        users, user_mask = self._pad_rows([row[shared:start] for row, start in zip(rows, begins)], "right")
-        suffixes, suffix_mask = self._pad_rows([row[start:] for row, start in zip(rows, begins)], "left")
-        padded = not (bool(user_mask.all()) and bool(suffix_mask.all()))
-        user_len, suffix_len = users.shape[1], suffixes.shape[1]
-        head = torch.cat([torch.ones((k, shared), dtype=torch.long), user_mask], dim=1)
-        full_mask = torch.cat([head, suffix_mask], dim=1)
-        place = (full_mask.cumsum(-1) - 1).clamp(min=0)  # each row's own positions (pads: any value, masked)
-        user_place = place[:, shared : shared + user_len].to(device) if padded else None
-        suffix_place = place[:, -suffix_len:].to(device) if padded else None
-        users, head, suffixes, full_mask = (t.to(device) for t in (users, head, suffixes, full_mask))
-        passes = self._passes(rows, begins, cells, per_pass, positions)
-        self.tokens_processed += sum(start - shared for start in begins)
-        if k > 1:
-            cache.batch_repeat_interleave(k)
-        out: list[Tensor] = []
-        reads: list[dict[int, Tensor]] = []
-        try:
-            self._forward(users, head, cache, user_place)
-            for m, ivs, layout in passes:
-                self.tokens_processed += m * sum(len(row) - start for row, start in zip(rows, begins))
-                if m > 1:
-                    cache.batch_repeat_interleave(m)
-                try:
-                    with self.model.steer(ivs, layout), self._reading() as read:
-                        logits = self._forward(
-                            suffixes.repeat_interleave(m, dim=0),
-                            full_mask.repeat_interleave(m, dim=0),
-                            cache,
-                            None if suffix_place is None else suffix_place.repeat_interleave(m, dim=0),
-                        )
-                finally:
-                    _crop(cache, shared + user_len)
-                    if m > 1:
-                        cache.batch_select_indices(torch.arange(0, k * m, m, device=device))
-                out.append(self._letter_probs(logits).view(k, m, 2))
-                reads.append({layer: r.float().view(k, m, -1) for layer, r in read.items()})
-        finally:
-            _crop(cache, shared)
-            if k > 1:
-                cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=device))
-        return _per_conversation(out, reads, len(rows))
-
-    def _score_group_full(
-        self, rows: list[list[int]], begins: list[int], cells: Sequence[Cell], per_pass: int, positions: str
-    ) -> list[list[Tensor]]:
-        """Cells of ``k`` conversations as whole prompts, left-padded, one row per conversation x cell."""
-        device = self.model.device
-        ids, mask = self._pad_rows(rows, "left")
-        place = (mask.cumsum(-1) - 1).clamp(min=0).to(device) if not bool(mask.all()) else None
-        ids, mask = ids.to(device), mask.to(device)
-        out: list[Tensor] = []
-        reads: list[dict[int, Tensor]] = []
-        for m, ivs, layout in self._passes(rows, begins, cells, per_pass, positions):
-            self.tokens_processed += m * sum(len(row) for row in rows)
-            with self.model.steer(ivs, layout), self._reading() as read:
-                logits = self._forward(
-                    ids.repeat_interleave(m, dim=0),
-                    mask.repeat_interleave(m, dim=0),
-                    None,
-                    None if place is None else place.repeat_interleave(m, dim=0),
-                )
-            out.append(self._letter_probs(logits).view(len(rows), m, 2))
-            reads.append({layer: r.float().view(len(rows), m, -1) for layer, r in read.items()})
-        return _per_conversation(out, reads, len(rows))
 
     def score(
         self,
@@ -447,7 +333,7 @@ class ForcedChoiceScorer:
                     "condition": condition,
                     "question": qid,
                     "driver": cell.driver,
-                    "layer": cell.layer,
+                    "layer": row_layer(cell.layer),
                     "coefficient": cell.coefficient,
                     "compliance": sum(shares) / len(shares),
                     "letter_mass": sum(mass) / len(mass),
@@ -469,17 +355,12 @@ class Group:
     cells: int
 
 
-def kv_bytes_per_token(model: SteeringModel) -> int:
+def kv_bytes_per_token(model: Backend) -> int:
     """Bytes of KV cache one token takes in ``model`` (all layers, keys and values)."""
-    config = model.model.config
-    config = getattr(config, "text_config", None) or config
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or model.d_model // heads
-    return 2 * model.n_layers * kv_heads * head_dim * model.dtype.itemsize
+    return model.kv_bytes_per_token()
 
 
-def default_batch_tokens(model: SteeringModel) -> int:
+def default_batch_tokens(model: Backend) -> int:
     """The token budget of one forward pass: rows x (cached + new) tokens.
 
     On a GPU: ``GPU_MEMORY_SHARE`` of the memory free now (the caching allocator's spare included) over the KV bytes
@@ -493,19 +374,12 @@ def default_batch_tokens(model: SteeringModel) -> int:
     return CPU_BATCH_TOKENS
 
 
-def sliding_window(model: SteeringModel) -> int | None:
+def sliding_window(model: Backend) -> int | None:
     """The model's sliding attention window, if its config declares one (and does not switch it off)."""
-    config = model.model.config
-    for cfg in (getattr(config, "text_config", None), config):
-        if cfg is None or getattr(cfg, "use_sliding_window", True) is False:
-            continue
-        window = getattr(cfg, "sliding_window", None)
-        if isinstance(window, int) and window > 0:
-            return window
-    return None
+    return model.sliding_window()
 
 
-def padding_is_exact(model: SteeringModel, length: int) -> bool:
+def padding_is_exact(model: Backend, length: int) -> bool:
     """Whether masked padding inside a sequence of up to ``length`` tokens leaves every row's numbers as they are
     alone: not with sliding-window attention narrower than that (the window counts padded slots)."""
     window = sliding_window(model)
@@ -564,13 +438,6 @@ def plan_groups(
         members, shapes = [j], [shape]
     groups.append(Group(members, per_pass(length(shapes))))
     return groups
-
-
-def _crop(cache, length: int) -> None:
-    """Drop cached tokens beyond ``length`` (transformers >= 5.18 takes only a negative count)."""
-    excess = cache.get_seq_length() - length
-    if excess > 0:
-        cache.crop(-excess)
 
 
 def _per_conversation(

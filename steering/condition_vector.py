@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from steering.backends.protocol import Backend
 from steering.compliance import BASELINE, Conversation, ForcedChoiceScorer, Readout
 from steering.hooks import resolve_layers
-from steering.models import SteeringModel
 from steering.questions import Question
 from steering.scenario import CONDITIONS
 from steering.vectors import VectorSet
@@ -23,7 +23,7 @@ from steering.vectors.extract import normalize_vector
 
 
 def condition_vector(
-    model: SteeringModel,
+    model: Backend,
     questions: Sequence[Question],
     layers: str | int | Sequence[int] = "all",
     variant: str = "base",

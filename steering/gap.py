@@ -8,22 +8,23 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from steering.backends.protocol import Backend
 from steering.compliance import ForcedChoiceScorer
 from steering.judge import KeywordJudge, RubricJudge
-from steering.models import SteeringModel
 from steering.questions import load_questions
 from steering.scenario import CONDITIONS, load_setting
+from steering.spec import FORCED_CHOICE, JUDGE
 from steering.stats import gap_stats
 
 ChatFn = Callable[[list[list[dict]]], list[str | None]]
 
 
-def local_chat_fn(model: SteeringModel, max_new_tokens: int = 96, batch_size: int = 8) -> ChatFn:
+def local_chat_fn(model: Backend, max_new_tokens: int = 96, batch_size: int = 8) -> ChatFn:
     """Adapt a loaded model to the judges' ``chat_fn`` (batch of conversations -> reply strings), greedy. An engine
     with continuous batching (``backend="vllm"``) gets the whole batch in one call."""
 
     def chat(batch: list[list[dict]]) -> list[str | None]:
-        step = max(len(batch), 1) if getattr(model, "continuous_batching", False) else batch_size
+        step = max(len(batch), 1) if model.batches_continuously() else batch_size
         replies: list[str | None] = []
         for lo in range(0, len(batch), step):
             replies += model.generate(batch[lo : lo + step], max_new_tokens=max_new_tokens)
@@ -34,7 +35,7 @@ def local_chat_fn(model: SteeringModel, max_new_tokens: int = 96, batch_size: in
 
 def make_judge(
     kind: str = "keyword",
-    judge_model: SteeringModel | None = None,
+    judge_model: Backend | None = None,
     url: str | None = None,
     *,
     timeout: float = 60.0,
@@ -66,7 +67,7 @@ def make_judge(
     raise ValueError(f"unknown judge {kind!r}; use keyword, local or endpoint")
 
 
-def judge_for_spec(spec, judge_model: SteeringModel | None = None):
+def judge_for_spec(spec, judge_model: Backend | None = None):
     """The judge a sweep spec asks for (``judge``, ``judge_model``, ``judge_url``, ``judge_timeout``,
     ``judge_retries``, ``judge_allow_insecure``); loads the local judge model unless one is given."""
     if spec.judge == "local" and judge_model is None:
@@ -85,7 +86,7 @@ def judge_for_spec(spec, judge_model: SteeringModel | None = None):
 
 
 def judged_rows(
-    model: SteeringModel,
+    model: Backend,
     variant: str,
     questions,
     judge,
@@ -115,7 +116,7 @@ def judged_rows(
 
 
 def measure_gap(
-    model: SteeringModel,
+    model: Backend,
     variant: str = "base",
     scorer: str = "forced-choice",
     n: int | None = 50,
@@ -130,9 +131,9 @@ def measure_gap(
     frames = []
     for seed in seeds:
         qs = load_questions(questions, n=n, seed=seed if len(seeds) > 1 else None)
-        if scorer == "forced-choice":
+        if scorer == FORCED_CHOICE:
             frame = ForcedChoiceScorer(model, setting).score(qs, variant, progress=progress)
-        elif scorer == "judge":
+        elif scorer == JUDGE:
             frame = judged_rows(model, variant, qs, judge or KeywordJudge(), seed=seed, setting=setting, **judge_kw)
         else:
             raise ValueError(f"unknown scorer {scorer!r}; use forced-choice or judge")

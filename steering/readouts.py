@@ -20,7 +20,7 @@ import pandas as pd
 from scipy import stats as _st
 from torch import Tensor
 
-from steering.validity import BASELINE_DRIVER
+from steering.baseline import BASELINE_DRIVER
 
 OPEN_TAG, CLOSE_TAG = "<SCRATCHPAD_REASONING>", "</SCRATCHPAD_REASONING>"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from steering.models import SteeringModel
+from steering.backends.protocol import Backend
 from steering.report import write_report
-from steering.spec import SweepSpec
+from steering.spec import JUDGE, SweepSpec
 from steering.store import ResultStore
 from steering.sweep import run_sweep
 
@@ -37,7 +37,7 @@ def report_store(store_or_spec: str | Path, run: str | None = None, out: str | P
 
 def unjudged_note(rows: pd.DataFrame) -> str:
     """A line for the rows of a judged run that have no verdict yet (empty when there are none)."""
-    if "scorer" not in rows or not (rows.scorer == "judge").any():
+    if "scorer" not in rows or not (rows.scorer == JUDGE).any():
         return ""
     missing = int(rows.compliance.isna().sum())
     if not missing:
@@ -45,11 +45,11 @@ def unjudged_note(rows: pd.DataFrame) -> str:
     return f"{missing} of {len(rows)} rows have no verdict yet (the judge failed); rerun the same command to judge them"
 
 
-def run_spec(
-    spec: SweepSpec | str | Path, model: SteeringModel | None = None, report_dir: str | Path | None = None
+def run_and_report(
+    spec: SweepSpec | str | Path, model: Backend | None = None, report_dir: str | Path | None = None
 ) -> pd.DataFrame:
     """Run (or resume) a sweep spec (a ``SweepSpec`` or a TOML file) and optionally write its report; returns the
-    rows. Packaged specs by name: ``steering.experiments.run_spec("quickstart")``."""
+    rows. Packaged specs by name as well: ``steering.experiments.run_spec("quickstart")``."""
     if not isinstance(spec, SweepSpec):
         spec = SweepSpec.from_toml(spec)
     rows = run_sweep(spec, model=model)

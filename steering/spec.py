@@ -27,12 +27,14 @@ from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from steering.backends import ENGINES
+from steering.baseline import is_baseline
 from steering.engine_args import check_engine_kwargs, numeric_engine_kwargs
 from steering.hooks import MODES
 from steering.hooks.intervention import MAX_ADDED
 from steering.scenario import CONDITIONS
 
-SCORERS = ("forced-choice", "judge")
+FORCED_CHOICE, JUDGE = SCORERS = ("forced-choice", "judge")
 JUDGES = ("keyword", "local", "endpoint")
 POSITIONS = MODES  # the steer positions a sweep can use
 """Steering positions a sweep accepts (the hooks' position modes)."""
@@ -112,7 +114,7 @@ class DriverSpec:
             _require(self.contrast in CONTRASTS, "contrast", f"one of {', '.join(CONTRASTS)}", self.contrast, where)
         elif self.questions is not None:
             raise SpecError("questions", f"{where}'questions' applies to a 'contrast' driver only")
-        if self.name == "none" or self.name.startswith("random"):
+        if is_baseline(self.name) or self.name.startswith("random"):
             raise SpecError("name", f"driver name {self.name!r} is reserved (baseline / controls); choose another name")
         _require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method, where)
         _require(
@@ -168,6 +170,12 @@ class SweepSpec:
             self.drivers = [d if isinstance(d, DriverSpec) else _build(DriverSpec, d, "drivers") for d in self.drivers]
         self.validate()
 
+    @property
+    def judged(self) -> bool:
+        """True when the spec samples and judges (``scorer = "judge"``), False for forced choice: the one test of
+        the scorer every consumer reads."""
+        return self.scorer == JUDGE
+
     def validate(self) -> None:
         """Check every field (types strictly, then values and cross-field rules); raise ``SpecError`` naming
         the key. Runs on construction; call it again after changing fields by hand."""
@@ -199,9 +207,9 @@ class SweepSpec:
         _unique(self.variants, "variants")
         self._check_variants()
         _require(self.judge in JUDGES, "judge", f"one of {', '.join(JUDGES)}", self.judge)
-        if self.scorer == "judge" and self.judge == "local":
+        if self.judged and self.judge == "local":
             _require(self.judge_model is not None, "judge_model", "a judge model (hub id, folder or 'default')")
-        if self.scorer == "judge" and self.judge == "endpoint":
+        if self.judged and self.judge == "endpoint":
             _require(self.judge_url is not None, "judge_url", "an OpenAI-compatible base URL (http://host:port/v1)")
         if self.judge_url is not None:
             ok = self.judge_url.startswith(("http://", "https://"))
@@ -212,7 +220,7 @@ class SweepSpec:
             raise SpecError("engine_kwargs", f"spec key 'engine_kwargs': {exc}") from None
         engine_only = self.tensor_parallel_size != 1 or bool(self.engine_kwargs)
         _require(
-            self.backend == "vllm" or not engine_only, "backend", "'vllm' for tensor_parallel_size / engine_kwargs",
+            self.backend in ENGINES or not engine_only, "backend", "'vllm' for tensor_parallel_size / engine_kwargs",
             self.backend,
         )  # fmt: skip
         names = [d.name for d in self.drivers]
@@ -315,7 +323,7 @@ class SweepSpec:
         kwargs: dict[str, Any] = dict(dtype=self.dtype, device=self.device, backend=self.backend)
         if self.trust_remote_code:
             kwargs["trust_remote_code"] = True
-        if self.backend == "vllm":
+        if self.backend in ENGINES:
             kwargs.update(self.engine_kwargs, tensor_parallel_size=self.tensor_parallel_size)
         return kwargs
 

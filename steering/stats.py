@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _st
 
-from steering.store import CONDITIONS
+from steering.scenario import CONDITIONS
 
 CELL_COLUMNS: tuple[str, ...] = ("driver", "layer", "coefficient")
 """The sweep-cell columns every gap table is split by."""

@@ -24,6 +24,8 @@ from typing import Any
 
 import pandas as pd
 
+from steering.scenario import CONDITIONS
+
 try:
     import fcntl
 except ImportError:  # not on POSIX: runs are not locked against a second writer
@@ -50,8 +52,8 @@ KEY_COLUMNS: tuple[str, ...] = (
 
 VALUE_COLUMNS: tuple[str, ...] = ("compliance", "extra")
 COLUMNS: tuple[str, ...] = KEY_COLUMNS + VALUE_COLUMNS
-CONDITIONS: tuple[str, str] = ("monitored", "unmonitored")
 
+_CONDITIONS_SQL = ", ".join(f"'{c}'" for c in CONDITIONS)
 _INT_KEYS = frozenset({"layer", "seed"})
 _FLOAT_KEYS = frozenset({"coefficient"})
 
@@ -73,7 +75,7 @@ CREATE TABLE IF NOT EXISTS results (
     layer INTEGER NOT NULL,
     coefficient REAL NOT NULL,
     variant TEXT NOT NULL,
-    condition TEXT NOT NULL CHECK (condition IN ('monitored', 'unmonitored')),
+    condition TEXT NOT NULL CHECK (condition IN ({_CONDITIONS_SQL})),
     question TEXT NOT NULL,
     seed INTEGER NOT NULL,
     scorer TEXT NOT NULL,

@@ -6,6 +6,7 @@ condition are scored, so a killed sweep loses at most the question in flight and
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import zlib
@@ -17,12 +18,15 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from steering.backends import model_class
+from steering.backends.protocol import Backend, Unsupported
+from steering.baseline import row_layer, zero_rows
 from steering.coefficients import relative_scale
 from steering.compliance import BASELINE, FORWARD_NEEDED, Cell, Conversation, ForcedChoiceScorer, Readout
 from steering.fingerprint import model_fingerprint
 from steering.gap import judge_for_spec
 from steering.hooks import Intervention, resolve_layer
-from steering.models import SteeringModel, load_model
+from steering.models import load_model
 from steering.questions import Question, load_questions
 from steering.spec import DriverSpec, SweepSpec
 from steering.store import KEY_COLUMNS, ResultStore
@@ -32,16 +36,17 @@ log = logging.getLogger("steering")
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import torch
-    import transformers
 
     import steering
 
-    return {"steering": steering.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"steering": steering.__version__, "torch": torch.__version__, "transformers": version("transformers")}
 
 
 def resolve_driver(
-    model: SteeringModel, driver: DriverSpec, layers: Sequence[int], progress: bool, spec: SweepSpec | None = None
+    model: Backend, driver: DriverSpec, layers: Sequence[int], progress: bool, spec: SweepSpec | None = None
 ) -> VectorSet:
     """Load a driver's vector file (checked against the model), extract it at ``layers`` from its dataset, or
     compute a contrast of the setting (``condition``: on ``spec``'s setting, first variant and questions)."""
@@ -74,7 +79,7 @@ def resolve_driver(
     )
 
 
-def resolve_vectors(spec: SweepSpec, model: SteeringModel, progress: bool = True) -> dict[str, VectorSet]:
+def resolve_vectors(spec: SweepSpec, model: Backend, progress: bool = True) -> dict[str, VectorSet]:
     """Every driver's VectorSet plus the random controls (same per-layer norms as ``control_like``)."""
     layers = spec_layers(spec, model)
     vectors = {d.name: resolve_driver(model, d, layers, progress, spec) for d in spec.drivers}
@@ -84,7 +89,7 @@ def resolve_vectors(spec: SweepSpec, model: SteeringModel, progress: bool = True
     return vectors
 
 
-def spec_layers(spec: SweepSpec, model: SteeringModel) -> list[int]:
+def spec_layers(spec: SweepSpec, model: Backend) -> list[int]:
     """The spec's layers under the one layer rule (negative counts from the end), in the spec's order."""
     return list(dict.fromkeys(resolve_layer(layer, model.n_layers) for layer in spec.layers))
 
@@ -107,16 +112,16 @@ class Grid:
         """Every cell that gets rows in the store."""
         return [*self.scored, *self.zero]
 
-    def add_zero_rows(self, rows: list[dict], conditions: Sequence[str]) -> list[dict]:
-        """``rows`` plus a copy of each condition's baseline row per coefficient-0 cell (identical by construction)."""
-        base = {r["condition"]: r for r in rows if r["driver"] == BASELINE.driver}
-        for cell in self.zero:
-            for condition in conditions:
-                rows.append(dict(base[condition], driver=cell.driver, layer=cell.layer, coefficient=0.0))
-        return rows
+    def add_zero_rows(self, rows: list[dict]) -> list[dict]:
+        """``rows`` (one question's) plus, per coefficient-0 cell, a copy of each of their baseline rows
+        (``steering.baseline.zero_rows``: identical by construction)."""
+        if not self.zero:
+            return rows
+        cells = pd.DataFrame({"driver": [c.driver for c in self.zero], "layer": [c.layer for c in self.zero]})
+        return rows + zero_rows(pd.DataFrame(rows), cells).to_dict("records")
 
 
-def build_grid(spec: SweepSpec, vectors: dict[str, VectorSet], model: SteeringModel) -> Grid:
+def build_grid(spec: SweepSpec, vectors: dict[str, VectorSet], model: Backend) -> Grid:
     """One cell per driver x layer x coefficient; relative coefficients are scaled by the layer's residual norm.
 
     Every steered cell is checked here, before a run is registered, naming its driver and layer: a zero vector
@@ -152,7 +157,7 @@ class SweepRun:
     """What every block of one sweep shares: the spec, the model, the store, the grid, the scorer, the progress."""
 
     spec: SweepSpec
-    model: SteeringModel
+    model: Backend
     store: ResultStore
     grid: Grid
     scorer: Any
@@ -177,7 +182,7 @@ class SweepRun:
             run=self.spec.name,
             model=self.model.name,
             driver=cell.driver,
-            layer=int(cell.layer),
+            layer=row_layer(cell.layer),
             coefficient=float(cell.coefficient),
             variant=variant,
             condition=condition,
@@ -190,14 +195,14 @@ class SweepRun:
 
     def commit(self, rows: list[dict]) -> None:
         """Write one question's rows (plus its coefficient-0 copies) in one transaction."""
-        self.store.write_rows(self.grid.add_zero_rows(rows, self.spec.conditions))
+        self.store.write_rows(self.grid.add_zero_rows(rows))
         if self.bar is not None:
             self.bar.update()
 
 
 def run_sweep(
     spec: SweepSpec | str | Path,
-    model: SteeringModel | None = None,
+    model: Backend | None = None,
     store: ResultStore | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -214,8 +219,8 @@ def run_sweep(
         spec = SweepSpec.from_toml(spec)
     spec.validate()
     backend = spec.backend if model is None else model.backend
-    if spec.scorer == "forced-choice" and (not model.has_forward_pass if model is not None else backend == "vllm"):
-        raise ValueError(FORWARD_NEEDED.format(name=spec.model, backend=backend))
+    if not spec.judged and not (model if model is not None else model_class(backend)).can_prefill():
+        raise Unsupported(FORWARD_NEEDED.format(name=spec.model, backend=backend))
     inputs = spec.input_hashes()
     log.info("sweep %s: %s rows", spec.name, f"{spec.check_size():,}")
     own_store = store is None
@@ -229,11 +234,11 @@ def run_sweep(
         vectors = resolve_vectors(spec, model, progress)  # before registering: a bad spec leaves no trace
         grid = build_grid(spec, vectors, model)
         store.begin_run(spec.name, spec.identity(), model.name, library_versions(), inputs=inputs)
-        scorer = ForcedChoiceScorer(model, spec.setting) if spec.scorer == "forced-choice" else judge_for_spec(spec)
+        scorer = judge_for_spec(spec) if spec.judged else ForcedChoiceScorer(model, spec.setting)
         run = SweepRun(spec, model, store, grid, scorer)
-        if spec.scorer == "forced-choice" or getattr(model, "has_readouts", False):
+        if not spec.judged or model.reads_while_generating():
             run.readout = Readout.of_vectors(vectors, spec_layers(spec, model))
-        if spec.scorer == "judge":
+        if spec.judged:
             run.saved = saved_generations(store.frame(spec.name))
         done = store.done_keys(spec.name)
         plan = []
@@ -247,7 +252,7 @@ def run_sweep(
         try:
             for seed, variant, todo in plan:
                 if todo:
-                    score = _run_judged if spec.scorer == "judge" else _run_forced_choice
+                    score = _run_judged if spec.judged else _run_forced_choice
                     score(run, seed, variant, todo)
         except KeyboardInterrupt:
             log.warning("interrupted after %d of %d questions; rerun to resume", run.bar.n, total)
@@ -284,7 +289,7 @@ def saved_generations(rows: pd.DataFrame) -> dict[tuple, tuple[str, float | None
 def request_seed(seed: int, question: str, condition: str, cell: Cell) -> int:
     """A sampling seed per (seed, question, condition, cell): the same whatever else shares the engine call, so a
     resumed or re-chunked sweep draws the same samples."""
-    key = f"{seed}/{question}/{condition}/{cell.driver}/{cell.layer}/{cell.coefficient!r}"
+    key = f"{seed}/{question}/{condition}/{cell.driver}/{row_layer(cell.layer)}/{cell.coefficient!r}"
     return zlib.crc32(key.encode())
 
 
@@ -300,12 +305,14 @@ def _run_judged(run: SweepRun, seed: int, variant: str, todo: list[Question]) ->
     spec, cells = run.spec, run.grid.scored
     setting = load_setting(spec.setting)
     per_question = len(spec.conditions) * len(cells)
-    step = max(1, spec.batch_size // per_question) if run.model.continuous_batching else 1
+    step = max(1, spec.batch_size // per_question) if run.model.batches_continuously() else 1
     for lo in range(0, len(todo), step):
         chunk = todo[lo : lo + step]
         items = [(q, condition, cell) for q in chunk for condition in spec.conditions for cell in cells]
         known = [
-            run.saved.get((cell.driver, cell.layer, cell.coefficient, variant, condition, q.id, seed), (None,) * 3)
+            run.saved.get(
+                (cell.driver, row_layer(cell.layer), cell.coefficient, variant, condition, q.id, seed), (None,) * 3
+            )
             for q, condition, cell in items
         ]
         texts = [text for text, *_ in known]
@@ -345,7 +352,7 @@ def _generate(run: SweepRun, setting, variant: str, seed: int, items: list[tuple
     prompt = lambda q, condition: setting.messages(q.question, condition, variant, scratchpad=True)  # noqa: E731
     if not items:
         return []
-    if run.model.continuous_batching:
+    if run.model.batches_continuously():
         texts = run.model.generate(
             [prompt(q, condition) for q, condition, _ in items],
             spec.max_new_tokens,
@@ -390,11 +397,10 @@ def _run_forced_choice(run: SweepRun, seed: int, variant: str, todo: list[Questi
         if len(pending) == per_question:
             frame = ForcedChoiceScorer.to_frame(variant, cells, pending, run.readout)
             rows = []
-            for rec in frame.to_dict("records"):
+            for rec, cell in zip(frame.to_dict("records"), itertools.cycle(cells)):  # cells in order per block
                 extra = {"letter_mass": round(float(rec["letter_mass"]), 6)}
                 if run.readout is not None:
                     extra["readout"] = {k: round(v, 5) for k, v in rec["readout"].items()}
-                cell = Cell(rec["driver"], rec["layer"], rec["coefficient"])
                 rows.append(run.row(variant, seed, rec["question"], cell, rec["condition"], rec["compliance"], **extra))
             run.commit(rows)
             pending = []

@@ -19,6 +19,8 @@ import json
 import numpy as np
 import pandas as pd
 
+from steering.baseline import BASELINE_DRIVER
+from steering.spec import FORCED_CHOICE
 from steering.stats import CELL_COLUMNS, CONTEXT_COLUMNS
 
 MIN_MASS_RATIO = 0.5
@@ -27,7 +29,6 @@ MAX_UNJUDGED = 0.2
 """A judged cell with more than this share of rows without a verdict is not reported."""
 CHANCE_DECISIVENESS = 0.1
 """Below this mean |2 * compliance - 1| the unsteered model's choice does not depend on the answers: at chance."""
-BASELINE_DRIVER = "none"
 
 
 def letter_mass(df: pd.DataFrame) -> pd.Series:
@@ -110,9 +111,9 @@ def chance_note(df: pd.DataFrame, threshold: float = CHANCE_DECISIVENESS, max_un
             f"Baseline not reportable: {unjudged:.0%} of its rows have no verdict (more than {max_unjudged:.0%}); "
             "rerun to judge them again, or check the judge."
         )
-    scorer = set(base["scorer"]) if "scorer" in base.columns else {"forced-choice"}
+    scorer = set(base["scorer"]) if "scorer" in base.columns else {FORCED_CHOICE}
     value = decisiveness(base)
-    if scorer == {"forced-choice"} and value < threshold:
+    if scorer == {FORCED_CHOICE} and value < threshold:
         return (
             f"Baseline at chance: the unsteered model's choice does not depend on which answer is which (mean "
             f"|2·compliance − 1| = {value:.3f} < {threshold:g} over {int(base['compliance'].notna().sum())} rows), "

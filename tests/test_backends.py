@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -124,6 +125,25 @@ def test_nested_contexts_and_shared_weights(pairs, enc, backend):
 
 
 @pytest.mark.parametrize("backend", OTHER)
+def test_a_steer_context_is_scoped_to_its_thread_and_refuses_ranges_that_reach_nothing(pairs, enc, backend):
+    """As on plain transformers: a forward run by another thread meanwhile is plain, and explicit ranges beyond
+    every row raise when the block ends instead of steering nothing."""
+    other = pairs["llama"][backend]
+    base = logits(other, enc)
+    seen: dict = {}
+    with torch.no_grad(), other.steer(interventions(), enc.layout):
+        steered = other.model(**enc.inputs).logits
+        thread = threading.Thread(target=lambda: seen.update(logits=logits(other, enc)))
+        thread.start()
+        thread.join(60)
+    assert not torch.allclose(real(steered, enc), real(base, enc), atol=1e-3)
+    torch.testing.assert_close(real(seen["logits"], enc), real(base, enc), atol=ATOL, rtol=0)
+    beyond = [Intervention(1, torch.ones(64), 3.0, positions=[(40, 50)])]
+    with pytest.raises(ValueError, match="nothing was steered"), torch.no_grad(), other.steer(beyond, enc.layout):
+        other.model(**enc.inputs)
+
+
+@pytest.mark.parametrize("backend", OTHER)
 def test_hooks_removed_after_exception(pairs, enc, backend):
     other = pairs["llama"][backend]
     base = logits(other, enc)
@@ -206,8 +226,8 @@ def test_nnsight_generation_needs_a_step_bound(pairs, enc):
 
 
 def test_nnsight_residual_norms_match(pairs, enc):
+    from steering.backends.nnsight import hooks as nns
     from steering.hooks import mean_norms
-    from steering.hooks.backends import nnsight as nns
 
     want = mean_norms(pairs["llama"]["hf"].model, enc.input_ids, enc.attention_mask)
     got = nns.mean_norms(pairs["llama"]["nnsight"].nnsight, enc.input_ids, enc.attention_mask)

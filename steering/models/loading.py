@@ -6,19 +6,11 @@ from pathlib import Path
 
 import torch
 
-from steering.models.base import SteeringModel, TextModel
+from steering.backends import ENGINES, model_class
+from steering.backends.hf import SteeringModel
+from steering.backends.hf.loading import load_causal_lm, load_tokenizer
+from steering.backends.protocol import Backend
 from steering.models.wrap import BACKENDS, wrap_backend
-
-ENGINES = ("vllm",)  # backends that run their own engine (no transformers module in this process)
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        return getattr(torch, dtype)
-    except AttributeError:
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'") from None
 
 
 def load_model(
@@ -30,7 +22,7 @@ def load_model(
     layers_path: str | None = None,
     tensor_parallel_size: int = 1,
     **engine_kwargs,
-) -> TextModel:
+) -> Backend:
     """Load a causal LM: a hub id, a local folder, a ``.gguf`` file, ``"default"`` (the offline default model) or
     ``"organism"`` (the default model with the shipped alignment-faking adapter merged: a known positive).
 
@@ -45,8 +37,6 @@ def load_model(
     The returned model's ``source`` is what it was loaded from (a folder, a ``.gguf`` file or a hub id): sweeps
     fingerprint those files (``steering.fingerprint``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from steering.default_model import DEFAULT_NAME, fetch_default_model
 
     if backend not in (*BACKENDS, *ENGINES):
@@ -56,8 +46,8 @@ def load_model(
             f"tensor_parallel_size and engine arguments ({', '.join(engine_kwargs) or 'tensor_parallel_size'}) are "
             "for backend='vllm'; for several GPUs with transformers use device='auto'"
         )
-    if backend == "vllm":
-        _check_vllm_kwargs(engine_kwargs)
+    if backend in ENGINES:
+        model_class(backend).check_engine_kwargs(engine_kwargs)
     name = str(model_id)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if name == "default":
@@ -80,48 +70,16 @@ def load_model(
         )
     else:
         source = name
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    if backend == "vllm":
-        if "gguf_file" in kwargs:
-            raise ValueError("the vLLM backend loads a model folder or hub id, not a .gguf file; use backend='hf'")
-        from steering.models.vllm import load_vllm
-
-        engine = load_vllm(
-            str(source), name, tokenizer, dtype, tensor_parallel_size, trust_remote_code, **engine_kwargs
+    tokenizer = load_tokenizer(source, **kwargs)
+    if backend in ENGINES:
+        engine = model_class(backend).load_engine(
+            str(source), name, tokenizer, dtype, tensor_parallel_size, trust_remote_code, kwargs.get("gguf_file"),
+            **engine_kwargs,
         )  # fmt: skip
         engine.source = source
         return engine
-    model_kwargs = dict(kwargs, dtype=_resolve_dtype(dtype))
-    if device == "auto":
-        model_kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
-    if device != "auto":
-        model.to(device)
-    model.eval()
+    model = load_causal_lm(source, dtype, device, **kwargs)
     wrapped = SteeringModel(model, tokenizer, name=name, layers_path=layers_path)
-    wrapped = wrapped if backend == "hf" else wrap_backend(wrapped, backend)
+    wrapped = wrap_backend(wrapped, backend)  # as it is for "hf"
     wrapped.source = source / kwargs["gguf_file"] if "gguf_file" in kwargs else source
     return wrapped
-
-
-def _check_vllm_kwargs(engine_kwargs: dict) -> None:
-    """Refuse engine arguments that other parameters set, or that this vLLM does not know (a ValueError naming the
-    key, before the tokenizer or the engine loads; vLLM itself raised a TypeError for an unknown one)."""
-    import dataclasses
-
-    from steering.engine_args import RESERVED_ENGINE_KEYS
-
-    for key in engine_kwargs:
-        if key in RESERVED_ENGINE_KEYS:
-            raise ValueError(
-                f"engine argument {key!r} cannot be set here; use load_model's own parameters (model_id, dtype, "
-                "tensor_parallel_size, trust_remote_code)"
-            )
-    try:
-        from vllm.engine.arg_utils import EngineArgs
-    except ImportError:
-        return  # load_vllm says how to install vLLM
-    known = {f.name for f in dataclasses.fields(EngineArgs)}
-    unknown = sorted(set(engine_kwargs) - known)
-    if unknown:
-        raise ValueError(f"vLLM has no engine argument {unknown[0]!r}; see vllm.engine.arg_utils.EngineArgs")

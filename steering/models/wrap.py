@@ -8,19 +8,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from steering.hooks.backends import NAMES
-from steering.hooks.backends import nnsight as nns
-from steering.hooks.backends import transformer_lens as tl
-from steering.models.base import SteeringModel, TextModel
-from steering.models.nnsight import NNsightModel, TracedModel
-from steering.models.transformer_lens import TransformerLensModel
+from steering.backends import NAMES, model_class
+from steering.backends.base import TextModel
+from steering.backends.hf import SteeringModel
+from steering.backends.nnsight import NNsightModel, TracedModel
+from steering.backends.nnsight import hooks as nns
+from steering.backends.transformer_lens import TransformerLensModel
+from steering.backends.transformer_lens import hooks as tl
 
 BACKENDS = NAMES
 
 
 def hf_module(model: SteeringModel) -> nn.Module:
     """The Hugging Face model under any backend's ``SteeringModel``."""
-    return model.model.module if isinstance(model.model, TracedModel) else model.model
+    return model.hf_module()
 
 
 def wrap_backend(model: SteeringModel, backend: str, eager_attention: bool = False) -> SteeringModel:
@@ -33,13 +34,7 @@ def wrap_backend(model: SteeringModel, backend: str, eager_attention: bool = Fal
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if model.backend == backend:
         return model
-    module = hf_module(model)
-    if backend == "hf":
-        return SteeringModel(module, model.tokenizer, model.name, model.layers_path)
-    if backend == "transformer_lens":
-        bridge = getattr(model, "bridge", None) or tl.boot(module, model.tokenizer, eager_attention)
-        return TransformerLensModel(bridge, model.tokenizer, model.name, model.layers_path)
-    return NNsightModel(nns.wrap(module, model.tokenizer), model.tokenizer, model.name, model.layers_path)
+    return model_class(backend).convert(model, eager_attention)
 
 
 def wrap(

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..capture import At, select_rows
-from ..layers import find_layers, find_layers_path, hidden_of, replace_hidden, resolve_layers
-from ..plan import Plan
-from ..positions import PositionTracker
+from steering.hooks.capture import At, select_rows
+from steering.hooks.layers import find_layers, find_layers_path, hidden_of, replace_hidden, resolve_layers
+from steering.hooks.norms import counted, mean_norm, token_norms
+from steering.hooks.plan import Plan
+from steering.hooks.positions import PositionTracker
 
 # Model inputs of one row each; every other keyword of a generate call is a generation option.
 INPUT_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "position_ids")
@@ -98,7 +99,8 @@ def _trace_kwargs(remote: bool) -> dict:
         return {}
     import nnsight
 
-    nnsight.register("steering.hooks")  # ship our hook code by value to the remote server
+    for module in ("steering.hooks", __name__):  # ship our hook code by value to the remote server
+        nnsight.register(module)
     return {"remote": True}
 
 
@@ -176,8 +178,8 @@ def capture(
 def mean_norms(
     lm, input_ids: Tensor, attention_mask: Tensor | None, layers_path: str | None = None, remote: bool = False
 ) -> Tensor:
-    """Mean L2 norm of each decoder block's output [n_layers] over real tokens, each row's first token skipped
-    (as ``steering.hooks.mean_norms``), read in one trace."""
+    """Mean residual norm of each decoder block's output [n_layers] (``steering.hooks.norms``), read in one
+    trace."""
     import nnsight
 
     stack, blocks, n = _envoys(lm, layers_path)
@@ -189,7 +191,5 @@ def mean_norms(
         norms = nnsight.save([])
         _read_positions(lm, stack, [tracker])
         for i in range(n):
-            hidden = hidden_of(blocks[i].output).detach().float()
-            keep = (tracker.positions.to(hidden.device) >= 1).to(torch.float32)
-            norms.append(((hidden.norm(dim=-1) * keep).sum() / keep.sum().clamp(min=1)).cpu())
+            norms.append(mean_norm(token_norms(hidden_of(blocks[i].output)), counted(tracker.positions)).cpu())
     return torch.stack(norms)

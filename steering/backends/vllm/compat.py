@@ -1,6 +1,6 @@
 """Every vLLM internal the vLLM backend relies on, imported and checked in this one module.
 
-The backend (``hooks/backends/vllm.py``, the engine side, and ``steering/models/vllm.py``, the driver) reaches into
+The backend (``steering/backends/vllm/``: the driver, the scheduler patch, the plugin and the worker) reaches into
 vLLM's private surfaces: the prefix-cache block-hash function (imported by name in several vLLM modules, so each
 must be patched), the V1 model runner's per-step batch state, the ``SchedulerOutput`` of each step, the
 ``(positions, hidden, residual)`` decoder-layer convention, the engine client classes, ``LLM.enqueue`` /
@@ -178,6 +178,15 @@ def _surface_checks() -> Iterator[tuple[str, Any]]:
         yield f"vllm.envs {name}", name in known
 
 
+def engine_arg_names() -> set[str] | None:
+    """The names of vLLM's engine arguments (``EngineArgs`` fields), or None without vLLM installed."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:
+        return None
+    return _fields(EngineArgs)
+
+
 def problems() -> list[str]:
     """Each static vLLM surface the backend relies on that is missing or changed, by name ([] when all hold)."""
     found: list[str] = []
@@ -202,7 +211,7 @@ def require() -> str:
     if found:
         raise VLLMCompatError(
             f"vllm {version} changed internals steering's vLLM backend relies on: {'; '.join(found)}. Supported: "
-            f"vllm{SUPPORTED}; {_fix()} (fix steering.hooks.backends.vllm_compat for a new release)"
+            f"vllm{SUPPORTED}; {_fix()} (fix steering.backends.vllm.compat for a new release)"
         )
     return version
 

@@ -1,9 +1,10 @@
 """``VLLMModel``: the steering API on a vLLM engine (continuous batching, tensor parallelism), every request
 carrying its own interventions.
 
-The engine side (worker extension, per-step plans, prefix-cache block keys) is ``steering.hooks.backends.vllm``;
-this module turns rows and ``Intervention`` objects into per-request specs, submits them as one engine call, and
-reads captures back. ``load_model(model_id, backend="vllm", tensor_parallel_size=..., **engine_kwargs)`` builds it.
+The engine side is the rest of this package (``worker``: the worker extension and its per-step plans; ``scheduler``
+and ``plugin``: prefix-cache block keys); this module turns rows and ``Intervention`` objects into per-request
+records (``wire.RequestSpec``), submits them as one engine call, and reads captures back.
+``load_model(model_id, backend="vllm", tensor_parallel_size=..., **engine_kwargs)`` builds it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steering.hooks import At, Intervention, Positions, RowLayout
-from steering.hooks.backends import vllm as engine
-from steering.hooks.backends import vllm_compat as compat
+from steering.backends.base import NORM_TEXTS, Encoded, Prompt, TextModel
+from steering.backends.errors import UnsupportedAttribute
+from steering.backends.vllm import compat, wire
+from steering.backends.vllm.plugin import plugin_declared
+from steering.backends.vllm.scheduler import block_keys_installed, install_block_keys
+from steering.backends.vllm.wire import RequestSpec, SteerItem
+from steering.backends.vllm.worker import WORKER_EXTENSION
+from steering.hooks import FIRST_COUNTED, At, Intervention, Positions, RowLayout, mean_norm
 from steering.hooks.positions import missing_layout_message
-from steering.models.base import NORM_TEXTS, Encoded, Prompt, TextModel
 
 log = logging.getLogger("steering")
 
@@ -41,7 +46,7 @@ def engine_defaults(engine_kwargs: dict | None = None) -> dict[str, str]:
     """Set the environment vLLM reads when an engine starts, where the user has not; returns what it set.
 
     * ``VLLM_USE_V2_MODEL_RUNNER=0``: vLLM 0.32 uses Model Runner V2 on GPUs with Triton; it keeps each step's batch
-      layout in a local rather than on the runner, and our V2 path (``hooks/backends/vllm.py``) has not run on a GPU
+      layout in a local rather than on the runner, and our V2 path (``worker.py``) has not run on a GPU
       yet, while V1 is verified token for token against transformers. Set it to 1 yourself to try V2.
     * On a CPU, ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache): a quarter of the memory free now, at least 1. Without
       it vLLM-CPU reserves ``gpu_memory_utilization`` (0.92) of *all* memory and refuses to start when less is free.
@@ -118,7 +123,7 @@ def load_vllm(
     compat.require()  # the vLLM version and every internal the backend patches, refused by name
     if engine_kwargs.get("enforce_eager") is False:
         raise ValueError("the vLLM backend needs enforce_eager=True (steering hooks cannot run inside CUDA graphs)")
-    if engine_kwargs.get("worker_extension_cls") not in (None, engine.WORKER_EXTENSION):
+    if engine_kwargs.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
         raise ValueError("the vLLM backend installs its own worker_extension_cls; subclass SteeringWorkerExtension")
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
@@ -126,7 +131,7 @@ def load_vllm(
 
     engine_defaults(engine_kwargs)
     check_cpu_memory()
-    engine.install_block_keys()  # the in-process engine's scheduler runs here; a separate EngineCore uses the plugin
+    install_block_keys()  # the in-process engine's scheduler runs here; a separate EngineCore uses the plugin
     kwargs = dict(
         model=str(source),
         tokenizer=str(source),
@@ -136,35 +141,12 @@ def load_vllm(
         seed=0,
     )
     kwargs.update(engine_kwargs)
-    kwargs.update(enforce_eager=True, worker_extension_cls=engine.WORKER_EXTENSION)
+    kwargs.update(enforce_eager=True, worker_extension_cls=WORKER_EXTENSION)
     try:
         llm = LLM(**kwargs)
     except Exception as exc:  # noqa: BLE001 - vLLM raises RuntimeError / ValueError / its own types
         raise _start_error(exc) from exc
     return VLLMModel(llm, tokenizer, name)
-
-
-class _NoForwardPass:
-    """Stands in for ``model.model`` on the vLLM backend, which has no forward pass to call."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, *args, **kwargs):
-        raise ValueError(
-            f"{self.name} runs on the vLLM backend, which has no forward pass (model.model(...)); use generate() and "
-            "capture(), scorer='judge' in sweeps, or load it with backend='hf'"
-        )
-
-    generate = forward = __call__
-
-    def __getattr__(self, attr: str):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        try:
-            self()
-        except ValueError as exc:
-            raise AttributeError(str(exc)) from None
 
 
 class VLLMModel(TextModel):
@@ -177,15 +159,13 @@ class VLLMModel(TextModel):
     """
 
     backend = "vllm"
-    has_forward_pass = False
-    continuous_batching = True
 
     def __init__(self, llm, tokenizer=None, name: str | None = None):
         compat.require()
         config = compat.model_config(llm)
         how = (
             "build the engine with load_model(..., backend='vllm'), or LLM(..., enforce_eager=True, "
-            f"worker_extension_cls={engine.WORKER_EXTENSION!r})"
+            f"worker_extension_cls={WORKER_EXTENSION!r})"
         )
         if not getattr(config, "enforce_eager", True):
             raise ValueError(f"steering hooks cannot run inside CUDA graphs / torch.compile: {how}")
@@ -198,7 +178,6 @@ class VLLMModel(TextModel):
             raise ValueError(f"this vLLM engine has no steering worker extension ({exc}); {how}") from None
         self._init_text(tokenizer, name or config.model, info["n_layers"], info["d_model"])
         self.llm = llm
-        self.model = _NoForwardPass(self.name)
         self.max_model_len = int(config.max_model_len)
         self.dtype = config.dtype
         self._sent: set[str] = set()  # vector ids on the workers
@@ -207,13 +186,62 @@ class VLLMModel(TextModel):
         self.last_outputs: list = []  # vLLM RequestOutputs of the last call, in row order
         self.last_keys: list[str] = []
         inproc = compat.is_inprocess(llm)
-        self.prefix = "block_keys" if (inproc and engine.block_keys_installed()) or engine.plugin_declared() else "salt"
+        self.prefix = "block_keys" if (inproc and block_keys_installed()) or plugin_declared() else "salt"
         if self.prefix == "salt":
             log.warning(
                 "vLLM engine core runs in another process and the steering vllm.general_plugins entry point is not "
                 "installed: prefix caching falls back to one cache salt per distinct steering (exact, less sharing); "
                 "`pip install -e .` registers the plugin"
             )
+
+    @property
+    def model(self):
+        """There is no forward pass to call on this backend (no ``model.model``): ``UnsupportedAttribute``."""
+        raise UnsupportedAttribute(
+            f"{self.name} runs on the vLLM backend, which has no forward pass (model.model(...)); use generate() and "
+            "capture(), scorer='judge' in sweeps, or load it with backend='hf'"
+        )
+
+    @classmethod
+    def batches_continuously(cls) -> bool:
+        return True
+
+    # ---- loading (``load_model(..., backend="vllm")``) -------------------------------------------------------
+    @classmethod
+    def load_engine(
+        cls,
+        source: str,
+        name: str,
+        tokenizer,
+        dtype: str | torch.dtype = "float32",
+        tensor_parallel_size: int = 1,
+        trust_remote_code: bool = False,
+        gguf_file: str | None = None,
+        **engine_kwargs: Any,
+    ) -> VLLMModel:
+        """``load_vllm``: a new engine for a model folder or hub id (a ``.gguf`` file is refused)."""
+        if gguf_file is not None:
+            raise ValueError("the vLLM backend loads a model folder or hub id, not a .gguf file; use backend='hf'")
+        return load_vllm(source, name, tokenizer, dtype, tensor_parallel_size, trust_remote_code, **engine_kwargs)
+
+    @classmethod
+    def check_engine_kwargs(cls, engine_kwargs: dict) -> None:
+        """Refuse engine arguments that other parameters set, or that this vLLM does not know (a ValueError naming
+        the key, before the tokenizer or the engine loads; vLLM itself raised a TypeError for an unknown one)."""
+        from steering.engine_args import RESERVED_ENGINE_KEYS
+
+        for key in engine_kwargs:
+            if key in RESERVED_ENGINE_KEYS:
+                raise ValueError(
+                    f"engine argument {key!r} cannot be set here; use load_model's own parameters (model_id, dtype, "
+                    "tensor_parallel_size, trust_remote_code)"
+                )
+        known = compat.engine_arg_names()
+        if known is None:
+            return  # load_vllm says how to install vLLM
+        unknown = sorted(set(engine_kwargs) - known)
+        if unknown:
+            raise ValueError(f"vLLM has no engine argument {unknown[0]!r}; see vllm.engine.arg_utils.EngineArgs")
 
     def __repr__(self) -> str:
         return f"VLLMModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, backend='vllm')"
@@ -259,8 +287,8 @@ class VLLMModel(TextModel):
             return [[*shared, *row] for row in items]
         return [[*shared, *items] for _ in range(n)]
 
-    def _steer_items(self, rows: Rows, starts: list[int | None]) -> list[list]:
-        """Per row: ``(layer, vector id, coefficient, operation, positions)`` items; validates everything and sends
+    def _steer_items(self, rows: Rows, starts: list[int | None]) -> list[list[SteerItem]]:
+        """Per row: its ``SteerItem``s; validates everything and sends
         new vectors to the workers before anything is submitted. A coefficient-0 ``add`` is dropped (the request
         stays unsteered: bit-identical, and its prefix stays shared)."""
         n = len(rows)
@@ -293,32 +321,33 @@ class VLLMModel(TextModel):
                     if not pos:
                         continue  # this row has no ranges: untouched
                 if id(iv.vector) not in vids:
-                    vid = engine.vector_id(iv.vector)
+                    vid = wire.vector_id(iv.vector)
                     vids[id(iv.vector)] = vid
                     if vid not in self._sent:
-                        new[vid] = engine.pack(iv.vector.detach().to(torch.float32))
-                items.append((layer, vids[id(iv.vector)], coef, iv.operation, pos))
+                        new[vid] = wire.pack(iv.vector.detach().to(torch.float32))
+                items.append(SteerItem.coerce((layer, vids[id(iv.vector)], coef, iv.operation, pos)))
             out.append(items)
         if new:
             self.llm.collective_rpc("steer_put_vectors", args=(new,))
             self._sent.update(new)
         return out
 
-    def _submit(self, rows: list[list[int]], extras: list[dict], **params: Any) -> list:
-        """One engine call: row ``b`` is a request carrying ``extras[b]`` with ``SamplingParams(**params)`` (a list
+    def _submit(self, rows: list[list[int]], specs: list[RequestSpec], **params: Any) -> list:
+        """One engine call: row ``b`` is a request carrying ``specs[b]`` with ``SamplingParams(**params)`` (a list
         value gives one per row); returns the RequestOutputs in row order. On any error (or Ctrl-C) the call's
         unfinished requests are aborted, so the engine is clean for the next call."""
         from vllm import SamplingParams
 
         prompts, sampling = [], []
-        for b, (ids, extra) in enumerate(zip(rows, extras)):
+        for b, (ids, spec) in enumerate(zip(rows, specs)):
+            extra = spec.wire()
             prompt: dict = {"prompt_token_ids": list(map(int, ids))}
-            if self.prefix == "salt" and (salt := engine.cache_salt(extra)) is not None:
+            if self.prefix == "salt" and (salt := wire.cache_salt(extra)) is not None:
                 prompt["cache_salt"] = salt
             prompts.append(prompt)
             row = {k: (v[b] if isinstance(v, list) else v) for k, v in params.items()}
-            sampling.append(SamplingParams(detokenize=False, extra_args={engine.EXTRA_KEY: extra}, **row))
-        keys = [e["key"] for e in extras]
+            sampling.append(SamplingParams(detokenize=False, extra_args={wire.EXTRA_KEY: extra}, **row))
+        keys = [spec.key for spec in specs]
         request_ids: list[str] = []
         try:
             request_ids = compat.enqueue(self.llm, prompts, sampling)
@@ -379,8 +408,8 @@ class VLLMModel(TextModel):
         if seeds is not None and len(seeds) != len(rows):
             raise ValueError(f"{len(seeds)} seeds for {len(rows)} prompts; pass one seed per prompt")
         steer = self._steer_items(self._per_row(interventions, len(rows)), starts)
-        extras = [
-            engine.request_extra(self._key(), len(ids), start, items, record=record)
+        specs = [
+            RequestSpec(self._key(), len(ids), start, tuple(items), record=record)
             for ids, start, items in zip(rows, starts, steer)
         ]
         if do_sample:
@@ -389,7 +418,7 @@ class VLLMModel(TextModel):
             sampling = dict(temperature=float(temperature), seed=[None if s is None else int(s) for s in seeds])
         else:
             sampling = dict(temperature=0.0)
-        outputs = self._submit(rows, extras, max_tokens=int(max_new_tokens), min_tokens=int(min_new_tokens), **sampling)
+        outputs = self._submit(rows, specs, max_tokens=int(max_new_tokens), min_tokens=int(min_new_tokens), **sampling)
         return [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outputs]
 
     def position_records(self) -> list[dict]:
@@ -421,24 +450,24 @@ class VLLMModel(TextModel):
         open steering contexts applied; returns per row ``{layer: {position: [d] tensor | norm}}``."""
 
         steer = self._steer_items(self._per_row((), len(rows)), starts)
-        extras = [
-            engine.request_extra(self._key(), len(ids), start, items, layers, pos, norms)
+        specs = [
+            RequestSpec(self._key(), len(ids), start, tuple(items), tuple(layers), tuple(pos), norms)
             for ids, start, items, pos in zip(rows, starts, steer, positions)
         ]
         # Positions served from the prefix cache are never computed (the last prompt token always is).
         skip = [True if any(p < len(ids) - 1 for p in pos) else None for ids, pos in zip(rows, positions)]
-        self._submit(rows, extras, max_tokens=1, temperature=0.0, skip_reading_prefix_cache=skip)
-        got = self._pop([e["key"] for e in extras])["captures"]
+        self._submit(rows, specs, max_tokens=1, temperature=0.0, skip_reading_prefix_cache=skip)
+        got = self._pop([spec.key for spec in specs])["captures"]
         out = []
-        for b, extra in enumerate(extras):
-            per_layer = got.get(extra["key"], {})
+        for b, spec in enumerate(specs):
+            per_layer = got.get(spec.key, {})
             row = {}
             for layer in layers:
                 by_pos = per_layer.get(layer, {})
                 missing = [p for p in positions[b] if p not in by_pos]
                 if missing:
                     raise RuntimeError(f"capture at layer {layer} is missing positions {missing[:5]} of row {b}")
-                row[layer] = {p: (v if isinstance(v, float) else engine.unpack(v)) for p, v in by_pos.items()}
+                row[layer] = {p: (v if isinstance(v, float) else wire.unpack(v)) for p, v in by_pos.items()}
             out.append(row)
         return out
 
@@ -455,19 +484,10 @@ class VLLMModel(TextModel):
         read = At.parse(at, len(rows))
         lengths = torch.tensor([len(r) for r in rows])
         if read.span is not None:
-            start, end = (torch.as_tensor(x, dtype=torch.long) for x in read.span)
-            positions = [list(range(int(s), min(int(e), int(n)))) for s, e, n in zip(start, end, lengths)]
-            if any(not p for p in positions):
-                raise ValueError("a capture span covers no tokens in some row; check start < end within the row length")
+            start, end = read.bounds(lengths)
+            positions = [list(range(int(s), int(e))) for s, e in zip(start, end)]
         else:
-            index = read.index.to(torch.long)
-            squeeze = index.dim() == 1
-            index = index[:, None] if squeeze else index
-            target = torch.where(index < 0, lengths[:, None] + index, index)
-            if bool(((target < 0) | (target >= lengths[:, None])).any()):
-                raise ValueError(
-                    f"capture position out of range for a row of length {int(lengths.min())}; check the indices"
-                )
+            target, squeeze = read.targets(lengths)
             positions = target.tolist()
         got = self._read(rows, starts, layers, [sorted(set(p)) for p in positions])
         out = {}
@@ -486,10 +506,10 @@ class VLLMModel(TextModel):
         if self._norms is None:
             rows, starts = self._tokenize(list(NORM_TEXTS))
             layers = list(range(self.n_layers))
-            got = self._read(rows, starts, layers, [list(range(1, len(r))) for r in rows], norms=True)
+            got = self._read(rows, starts, layers, [list(range(FIRST_COUNTED, len(r))) for r in rows], norms=True)
             norms = torch.zeros(self.n_layers)
             for layer in layers:
-                values = [v for row in got for v in row[layer].values()]
-                norms[layer] = float(torch.tensor(values, dtype=torch.float32).sum() / max(len(values), 1))
+                values = torch.tensor([v for row in got for v in row[layer].values()], dtype=torch.float32)
+                norms[layer] = float(mean_norm(values, torch.ones_like(values)))
             self._norms = norms
         return self._norms

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..capture import At, select_rows
-from ..intervention import Intervention
-from ..layers import find_layers, find_stack, model_d_model, resolve_layers
-from ..plan import Plan
-from ..positions import PositionTracker, RowLayout
+from steering.hooks.capture import At, select_rows
+from steering.hooks.intervention import Intervention
+from steering.hooks.layers import find_layers, find_stack, model_d_model, resolve_layers
+from steering.hooks.plan import Plan
+from steering.hooks.positions import PositionTracker, RowLayout
 
 RESID_POST = "blocks.{}.hook_resid_post"
 
@@ -87,7 +87,7 @@ def alias_cache_kwarg(bridge: nn.Module) -> None:
 
 def _group_hook(plan: Plan, layer: int):
     def hook(tensor: Tensor, hook) -> Tensor:
-        return plan.edit(layer, tensor)
+        return plan.edit(layer, tensor) if plan.is_active() else tensor
 
     return hook
 
@@ -100,17 +100,19 @@ def steer(
     layers_path: str | None = None,
 ) -> Iterator[PositionTracker]:
     """Apply ``interventions`` through bridge hooks to every forward inside the block (bridge calls and direct
-    calls of its Hugging Face model alike); all hooks are removed on exit and on exceptions."""
+    calls of its Hugging Face model alike) run by the thread (or asyncio task) that entered it; all hooks are
+    removed on exit and on exceptions. Explicit ranges that touched no token raise a ``ValueError`` on exit."""
     model = hf_model(bridge)
     plan = Plan(interventions, len(find_layers(model, layers_path)), model_d_model(model), layout)
     hooks = [(RESID_POST.format(i), _group_hook(plan, i)) for i in plan.layers]
-    handles = plan.tracker.attach(model, find_stack(model, layers_path))
+    handles = [plan.scope_hooks(), *plan.tracker.attach(model, find_stack(model, layers_path))]
     try:
         with bridge.hooks(fwd_hooks=hooks):
             yield plan.tracker
     finally:
         for handle in handles:
             handle.remove()
+    plan.check_reached()
 
 
 def capture(

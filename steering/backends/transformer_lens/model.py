@@ -7,9 +7,10 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from steering.backends.base import Encoded, Prompt
+from steering.backends.hf import SteeringModel
+from steering.backends.transformer_lens import hooks as tl
 from steering.hooks import Intervention, RowLayout
-from steering.hooks.backends import transformer_lens as tl
-from steering.models.base import Encoded, Prompt, SteeringModel
 
 
 class TransformerLensModel(SteeringModel):
@@ -20,7 +21,6 @@ class TransformerLensModel(SteeringModel):
     """
 
     backend = "transformer_lens"
-    has_readouts = False  # generation readouts are verified on plain transformers only
 
     def __init__(self, bridge: nn.Module, tokenizer=None, name: str | None = None, layers_path: str | None = None):
         tokenizer = tokenizer if tokenizer is not None else bridge.tokenizer
@@ -38,3 +38,14 @@ class TransformerLensModel(SteeringModel):
         """Context manager: every forward inside is steered through bridge hooks; removed on exit and on errors."""
         with tl.steer(self.bridge, interventions, layout, self.layers_path) as tracker:
             yield tracker
+
+    @classmethod
+    def reads_while_generating(cls) -> bool:
+        return False  # generation readouts are verified on plain transformers only
+
+    @classmethod
+    def convert(cls, model: SteeringModel, eager_attention: bool = False) -> SteeringModel:
+        """``model``'s Hugging Face module in a TransformerLens bridge (booted in place: its blocks become bridge
+        components, numbers unchanged); ``eager_attention=True`` keeps TransformerLens's eager attention."""
+        bridge = getattr(model, "bridge", None) or tl.boot(model.hf_module(), model.tokenizer, eager_attention)
+        return cls(bridge, model.tokenizer, model.name, model.layers_path)

@@ -6,11 +6,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from steering.backends.base import NORM_TEXTS, Encoded, Prompt
+from steering.backends.hf import SteeringModel
+from steering.backends.nnsight import hooks as nns
 from steering.hooks import Intervention, Plan, RowLayout
-from steering.hooks.backends import nnsight as nns
-from steering.models.base import NORM_TEXTS, Encoded, Prompt, SteeringModel
 
 
 class TracedModel:
@@ -24,13 +25,17 @@ class TracedModel:
         self.remote = remote
         self.plans: list[Plan] = []
 
+    def active(self) -> list[Plan]:
+        """The open steering contexts entered by the calling thread (or asyncio task), in the order entered."""
+        return [plan for plan in self.plans if plan.is_active()]
+
     def __call__(self, *args, **kwargs):
-        return nns.forward(self.lm, list(self.plans), args, kwargs, self.layers_path, self.remote)
+        return nns.forward(self.lm, self.active(), args, kwargs, self.layers_path, self.remote)
 
     forward = __call__
 
     def generate(self, *args, **kwargs) -> Tensor:
-        return nns.generate(self.lm, list(self.plans), args, dict(kwargs), self.layers_path, self.remote)
+        return nns.generate(self.lm, self.active(), args, dict(kwargs), self.layers_path, self.remote)
 
     def __getattr__(self, name: str):
         if name in ("lm", "module", "plans"):  # not set yet (during unpickling): avoid recursion
@@ -49,7 +54,6 @@ class NNsightModel(SteeringModel):
     """
 
     backend = "nnsight"
-    has_readouts = False  # generation readouts are verified on plain transformers only
 
     def __init__(
         self, lm, tokenizer=None, name: str | None = None, layers_path: str | None = None, remote: bool = False
@@ -80,15 +84,31 @@ class NNsightModel(SteeringModel):
         layers = self._layers(layers)
         return nns.capture(
             self.nnsight, enc.input_ids, enc.attention_mask, layers, at, self.layers_path,
-            list(self.model.plans), self.model.remote,
+            self.model.active(), self.model.remote,
         )  # fmt: skip
 
     @contextmanager
     def steer(self, interventions: Intervention | Sequence[Intervention], layout: RowLayout | None = None) -> Iterator:
-        """Context manager: every call of ``.model`` inside runs as a steered trace; closed on exit and on errors."""
+        """Context manager: every call of ``.model`` inside, by the thread (or asyncio task) that entered it, runs as
+        a steered trace; closed on exit and on errors. Explicit ranges that touched no token raise on exit."""
         plan = Plan(interventions, self.n_layers, self.d_model, layout)
+        scope = plan.scope()  # checked where each trace is dispatched (TracedModel.active), not inside the trace
         self.model.plans.append(plan)
         try:
             yield plan.tracker
         finally:
             self.model.plans.remove(plan)
+            scope.remove()
+        plan.check_reached()
+
+    @classmethod
+    def reads_while_generating(cls) -> bool:
+        return False  # generation readouts are verified on plain transformers only
+
+    def hf_module(self) -> nn.Module:
+        return self.model.module
+
+    @classmethod
+    def convert(cls, model: SteeringModel, eager_attention: bool = False) -> SteeringModel:
+        """``model``'s Hugging Face module in an nnsight ``TransformersModel`` (local execution)."""
+        return cls(nns.wrap(model.hf_module(), model.tokenizer), model.tokenizer, model.name, model.layers_path)

@@ -1,33 +1,19 @@
-"""``SteeringModel``: a causal LM with what steering needs (layers, d_model, chat formatting, residual norms) and
-the steering API every backend shares (``encode``, ``capture``, ``intervention``, ``steer``, ``generate``)."""
+"""What every backend's model shares: ``TextModel``, the half that needs no forward pass (tokenizer, chat
+formatting, encoding, layer and context checks, interventions), and ``Encoded``, a tokenized batch with its row
+layout. The backends (``steering.backends.hf`` and the others) subclass ``TextModel``."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from steering.backends.errors import Unsupported
 from steering.coefficients import relative_scale
-from steering.hooks import (
-    Intervention,
-    Plan,
-    RowLayout,
-    capture,
-    find_layers,
-    find_layers_path,
-    find_stack,
-    mean_norms,
-    model_d_model,
-    read_last,
-    resolve_layer,
-    resolve_layers,
-    steer_module,
-)
+from steering.hooks import Intervention, RowLayout, resolve_layer, resolve_layers
 
 log = logging.getLogger("steering")
 
@@ -80,13 +66,12 @@ class TextModel:
 
     ``SteeringModel`` (a torch module in this process) and engine-backed models such as ``VLLMModel`` share it.
     Subclasses set ``name``, ``tokenizer``, ``n_layers`` and ``d_model`` (``_init_text``) and implement
-    ``residual_norms``, ``capture``, ``steer`` and ``generate``.
+    ``residual_norms``, ``capture``, ``steer`` and ``generate``, and the capabilities they have (``prefill``,
+    ``can_prefill``, ``batches_continuously``, ``reads_while_generating``): together, ``protocol.Backend``.
     """
 
     backend = "hf"
     source = None  # what ``load_model`` loaded the model from (a folder, .gguf file or hub id); None: built in memory
-    has_forward_pass = True  # ``model.model(...)`` runs a forward pass (the forced-choice scorer needs it)
-    continuous_batching = False  # True: one call with many rows is cheaper than several small calls
 
     def _init_text(self, tokenizer, name: str, n_layers: int, d_model: int) -> None:
         self.tokenizer = tokenizer
@@ -114,6 +99,37 @@ class TextModel:
     def residual_norms(self) -> Tensor:
         """Mean L2 norm of the residual stream per layer [n_layers] on fixed neutral text (``NORM_TEXTS``)."""
         raise NotImplementedError
+
+    # ---- capabilities (``steering.backends.protocol``): none by default; each backend says what it has ---------
+    def prefill(self, ids: Sequence[int] | None):
+        """A prefix-cached scoring session (``protocol.ScoringSession``); this backend has no forward pass."""
+        raise Unsupported(
+            f"{self.name} runs on the {self.backend} backend, which has no forward pass to score with; use "
+            "generate() and capture(), scorer='judge' in sweeps, or load it with backend='hf'"
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes (sizes scoring batches); needs ``prefill``."""
+        raise Unsupported(f"the {self.backend} backend has no scoring session, so no KV cache to size")
+
+    def sliding_window(self) -> int | None:
+        """The model's sliding attention window, if any."""
+        return None
+
+    @classmethod
+    def can_prefill(cls) -> bool:
+        """Whether ``prefill`` works (the forced-choice scorer needs it)."""
+        return False
+
+    @classmethod
+    def batches_continuously(cls) -> bool:
+        """Whether one call with many rows is cheaper than several small calls (continuous batching)."""
+        return False
+
+    @classmethod
+    def reads_while_generating(cls) -> bool:
+        """Whether ``generate_with_readouts`` is verified on this backend."""
+        return False
 
     # ---- text ----------------------------------------------------------------------------------------------
     def format_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
@@ -239,136 +255,3 @@ class TextModel:
             f"a prompt has {n_tokens} tokens but {self.name} takes at most {limit}; shorten the prompt or "
             "the system prompt variant"
         )
-
-
-class SteeringModel(TextModel):
-    """A Hugging Face causal LM plus its tokenizer, decoder blocks and steering helpers.
-
-    Backends other than plain transformers (TransformerLens, nnsight) wrap the same object; see ``backend``.
-    """
-
-    backend = "hf"
-    has_readouts = True  # generate_with_readouts: driver projections read while generating
-
-    def __init__(self, model: nn.Module, tokenizer, name: str | None = None, layers_path: str | None = None):
-        self.model = model
-        self.layers_path = find_layers_path(model, layers_path)
-        self.layers = find_layers(model, self.layers_path)
-        self.stack = find_stack(model, self.layers_path)  # receives the mask, position ids and KV cache
-        d_model = model_d_model(model)
-        if d_model is None:
-            raise ValueError("could not read d_model (hidden_size) from the model config")
-        name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
-        self._init_text(tokenizer, name, len(self.layers), d_model)
-
-    def __repr__(self) -> str:
-        return f"SteeringModel({self.name!r}, layers={self.n_layers}, d_model={self.d_model}, backend={self.backend!r})"
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def context_limit(self) -> int | None:
-        config = self.model.config
-        limit = getattr(config, "max_position_embeddings", None)
-        return limit or getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
-
-    # ---- residual stream ----------------------------------------------------------------------------------
-    def capture(self, prompts: Sequence[Prompt] | Encoded, layers: Sequence[int] | str = "all", at="last"):
-        """Residual stream ``{layer: [B, d]}`` at ``layers`` and positions ``at`` (see ``steering.hooks.At``)."""
-        enc = self._encoded(prompts)
-        return capture(self.model, enc.input_ids, enc.attention_mask, self._layers(layers), at, self.layers_path)
-
-    def residual_norms(self) -> Tensor:
-        """Mean L2 norm of the residual stream per layer [n_layers] on fixed neutral text (first token skipped)."""
-        if self._norms is None:
-            enc = self.encode(list(NORM_TEXTS))
-            self._norms = mean_norms(self.model, enc.input_ids, enc.attention_mask, self.layers_path)
-        return self._norms
-
-    @contextmanager
-    def steer(self, interventions: Intervention | Sequence[Intervention], layout: RowLayout | None = None) -> Iterator:
-        """Context manager: every forward pass inside is steered; hooks are removed on exit and on exceptions.
-
-        Yields the position tracker (``.positions``: row positions of the last forward call). Only forward passes of
-        the thread (or asyncio task) that entered the block are steered; explicit ranges that touched no token raise
-        a ``ValueError`` at the end of the block."""
-        plan = Plan(interventions, self.n_layers, self.d_model, layout)
-        handles = steer_module(self.model, plan, self.layers, self.stack)
-        try:
-            yield plan.tracker
-        finally:
-            for handle in handles:
-                handle.remove()
-        plan.check_reached()
-
-    @contextmanager
-    def readout(self, directions: Mapping[int, Tensor | None]) -> Iterator[dict[int, Tensor]]:
-        """Context manager: each forward pass inside records ``{layer: [B, k]}``, the residual stream at the last
-        column projected on the rows of ``directions[layer]`` ([k, d], on the model's device and dtype; ``None``:
-        the whole residual ``[B, d]``). Enter it inside ``steer(...)`` to read the steered stream."""
-        with read_last(self.layers, directions) as out:
-            yield out
-
-    # ---- generation --------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[Prompt] | Prompt,
-        max_new_tokens: int = 64,
-        interventions: Sequence[Intervention] = (),
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> list[str]:
-        """Complete each prompt (steered by ``interventions``, if any); returns the new text per prompt."""
-        new, _ = self._generate(prompts, max_new_tokens, interventions, do_sample, temperature, seed)
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
-
-    @torch.no_grad()
-    def generate_with_readouts(
-        self,
-        prompts: Sequence[Prompt] | Prompt,
-        directions: Mapping[int, Tensor],
-        max_new_tokens: int = 64,
-        interventions: Sequence[Intervention] = (),
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> tuple[list[str], list[list[int]], dict[int, Tensor]]:
-        """``generate`` that also reads ``directions`` ({layer: [k, d]}) at every generated token, in the same
-        forward passes: (texts, new token ids per row, ``{layer: [B, new tokens, k]}`` where ``[:, j]`` is the
-        residual of new token ``j`` projected on the rows; the last token, never fed back, is NaN)."""
-        placed = {layer: rows.to(device=self.device, dtype=self.dtype) for layer, rows in directions.items()}
-        new, steps = self._generate(prompts, max_new_tokens, interventions, do_sample, temperature, seed, placed)
-        width = new.shape[1]
-        reads = {}
-        for layer, per_call in steps.items():
-            fed = torch.stack(per_call[1 : width + 1], dim=1).float().cpu() if len(per_call) > 1 else None
-            values = torch.full((new.shape[0], width, placed[layer].shape[0]), float("nan"))
-            if fed is not None:
-                values[:, : fed.shape[1]] = fed
-            reads[layer] = values
-        ids = new.cpu().tolist()  # token j of a row <-> reads[layer][row, j] (rows that stop early end in padding)
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True), ids, reads
-
-    def _generate(self, prompts, max_new_tokens, interventions, do_sample, temperature, seed, directions=None):
-        """New token ids [B, new] (and, with ``directions``, the per-call readouts) of one ``generate`` call."""
-        enc = self.encode(prompts)
-        self.check_context(enc, int(max_new_tokens))
-        if seed is not None:
-            torch.manual_seed(seed)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id)
-        if do_sample:
-            kwargs["temperature"] = temperature
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        reading = read_last(self.layers, directions, history=True) if directions else contextlib.nullcontext({})
-        with self.steer(list(interventions), enc.layout), reading as steps:
-            out = self.model.generate(**enc.inputs, **kwargs)
-        return out[:, enc.input_ids.shape[1] :], steps
