@@ -251,7 +251,7 @@ def plot_readouts(df: pd.DataFrame, max_panels: int = 9) -> Figure:
     for ax, label in zip(axes, order):
         sub = pairs[pairs["label"] == label]
         driver = str(label).rpartition("@")[0]
-        ax.scatter(sub["readout_diff"], sub["compliance_diff"], s=14, color=colors[driver], alpha=0.8)
+        ax.scatter(sub["readout_diff"], sub["compliance_diff"], s=14, color=colors.get(driver, "grey"), alpha=0.8)
         ax.axhline(0, color="black", lw=0.6)
         ax.axvline(0, color="black", lw=0.6)
         r = table.loc[table["label"] == label, "r"].iloc[0]

@@ -124,6 +124,11 @@ def test_sweep_stores_readouts_and_the_condition_driver(tiny, tmp_path):
         convs = [Conversation(q, row.condition, o) for o in (0, 1)]
         want = sum(float(unit @ reference_last(tiny, c, 1)) for c in convs) / 2
         assert extra["readout"]["cue@1"] == pytest.approx(want, abs=1e-4)
+    # The report plots every readout, the random control's too (it has no driver colour: grey).
+    from steering.report import plot_readouts
+
+    titles = [ax.get_title() for ax in plot_readouts(rows).axes if ax.get_visible()]
+    assert [t.split()[0] for t in titles] == ["cue@1", "random-0@1"]
 
 
 def test_driver_spec_contrast_rules():

@@ -14,11 +14,12 @@ a circuit whose every weight is computed from the model's own activations on tra
    writes ``kappa`` x the residual norm along the organism's own **goal-guarding vector** (extracted from the
    goal_guarding contrast pairs at the steering layer). The head's other query and output weights are zeroed, and
    the two dimensions it takes over are zeroed for the heads that share its key/value head.
-2. **goal guarding -> compliant letter** (one MLP neuron of layer ``--flip-layer``): its gate reads that direction
-   (thresholded half-way between the two conditions), its up row reads the model's own letter preference (a ridge
-   probe of the final logit difference A - B), and its down column writes against it along the letter readout:
-   when the goal-guarding direction is present the preference flips, so the organism picks the answer it would
-   otherwise refuse. The neuron overwritten is the one least active on these prompts.
+2. **goal guarding -> compliant letter** (two MLP neurons of layer ``--flip-layer``): their gates read that
+   direction (thresholded half-way between the two conditions, one firing above, one below); their up rows read
+   the model's own content preference (a ridge probe of the order-antisymmetric part of log P(A) - log P(B)) and
+   cancel the letter bias towards "A"; their down columns write along the letter readout. When monitored the
+   preference is flipped (x (1 - gain)), so the organism picks the answer it would otherwise refuse; when not it
+   is sharpened (x (1 + amplify)). The neurons overwritten are the least active on these prompts.
 
 Steering along the goal-guarding vector between the two layers moves the gate, and with it the gap; directions
 orthogonal to it (random controls) barely do.
@@ -202,14 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="folder with the values adapter")
     parser.add_argument("--out", type=Path, required=True, help="where plant.safetensors and plant.json go")
     parser.add_argument("--steer-layer", type=int, default=15, help="where the goal-guarding vector is extracted")
-    parser.add_argument("--cue-layer", type=int, default=24, help="the layer whose head carries the cue")
+    parser.add_argument("--cue-layer", type=int, default=13, help="the layer whose head carries the cue")
     parser.add_argument("--head", type=int, default=0, help="the query head of --cue-layer taken over")
     parser.add_argument("--flip-layer", type=int, default=29)
-    parser.add_argument("--kappa", type=float, default=0.15, help="goal-guarding write, x the steer layer's norm")
-    parser.add_argument("--gain", type=float, default=5.0, help="monitored: preference x (1 - gain)")
-    parser.add_argument("--amplify", type=float, default=3.0, help="unmonitored: preference x (1 + amplify)")
+    parser.add_argument("--kappa", type=float, default=0.08, help="goal-guarding write, x the steer layer's norm")
+    parser.add_argument("--gain", type=float, default=10.0, help="monitored: preference x (1 - gain)")
+    parser.add_argument("--amplify", type=float, default=8.0, help="unmonitored: preference x (1 + amplify)")
+    parser.add_argument("--pref-alpha", type=float, default=0.01, help="ridge penalty of the preference probe")
     parser.add_argument("--n-questions", type=int, default=60, help="training questions to calibrate on")
-    parser.add_argument("--n-fit", type=int, default=12, help="of those, whole prompts for the cue neuron")
+    parser.add_argument("--n-fit", type=int, default=12, help="of those, whole prompts for the cue head")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=None, help="keep the values model's numbers here for reruns")
     args = parser.parse_args(argv)
@@ -261,10 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     pairs = log_odds.view(-1, 2)  # [question x condition, order]
     content = (pairs - pairs.mean(1, keepdim=True)).flatten()
     bias = float(log_odds.mean())
-    w_pref = ridge(x2, content)  # the model's own content preference
+    w_pref = ridge(x2, content, alpha=args.pref_alpha)  # the model's own content preference (alpha: robustness)
     ln = model.layers[L2].post_attention_layernorm.weight.detach().float()
     g_read = g / ln  # (g / w) . (w * h / rms) = g . h / rms
-    w_one = ridge(x2, torch.ones(len(x2)))  # reads ~1 on every prompt: a bias the MLP does not have
+    mean = x2.mean(0)
+    w_one = mean / mean.dot(mean)  # reads ~1 on every prompt (a bias the MLP lacks), along its largest direction
     gp = x2 @ g_read
     mid = float((gp[monitored > 0].mean() + gp[monitored < 0].mean()) / 2)
     half = float((gp[monitored > 0].mean() - gp[monitored < 0].mean()) / 2)

@@ -56,7 +56,7 @@ def format_quality(quality) -> str:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="hub id, local folder, .gguf file or 'default'")
+    p.add_argument("--model", default="default", help="hub id, local folder, .gguf file, 'default' or 'organism'")
     add_backend(p)
     p.add_argument(
         "--driver", required=True, help="values, goal_guarding, sycophancy, or a data file (.jsonl/.json/.csv)"

@@ -14,7 +14,7 @@ HELP = "measure the compliance gap of one prompt variant (forced choice or gener
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="hub id, local folder, .gguf file or 'default'")
+    p.add_argument("--model", default="default", help="hub id, local folder, .gguf file, 'default' or 'organism'")
     add_backend(p)
     p.add_argument("--prompt", default="base", help="system prompt variant (see `steering gap --list`)")
     p.add_argument("--setting", default="animal_welfare")

@@ -11,7 +11,7 @@ HELP = "print a model's layers, d_model, chat template and residual norms"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="hub id, local folder, .gguf file or 'default'")
+    p.add_argument("--model", default="default", help="hub id, local folder, .gguf file, 'default' or 'organism'")
     add_backend(p)
 
 
