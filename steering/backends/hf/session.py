@@ -74,6 +74,18 @@ class PrefixSession:
         return pad_rows(parts, self.model.tokenizer.pad_token_id, side)
 
     @torch.no_grad()
+    def _steered(self, m, ivs, layout, readout, ids, mask, cache, place) -> tuple[Tensor, dict[int, Tensor]]:
+        """One pass: every row of ``ids`` / ``mask`` / ``place`` [k, ...] repeated ``m`` times (one copy per cell),
+        run under ``ivs``; the last-column logits [k x m, vocab] and the readouts of that forward."""
+        with self.model.steer(ivs, layout), self._reading(readout) as read:
+            logits = self._forward(
+                ids.repeat_interleave(m, dim=0),
+                mask.repeat_interleave(m, dim=0),
+                cache,
+                None if place is None else place.repeat_interleave(m, dim=0),
+            )
+        return logits, dict(read)
+
     def _forward(self, ids: Tensor, mask: Tensor, cache=None, position_ids: Tensor | None = None) -> Tensor:
         """Logits [rows, vocab] at the last column of ``ids``; ``mask`` covers cached and new tokens."""
         kwargs = {} if position_ids is None else {"position_ids": position_ids}
@@ -109,18 +121,12 @@ class PrefixSession:
                 if m > 1:
                     cache.batch_repeat_interleave(m)
                 try:
-                    with self.model.steer(ivs, layout), self._reading(readout) as read:
-                        logits = self._forward(
-                            suffixes.repeat_interleave(m, dim=0),
-                            full_mask.repeat_interleave(m, dim=0),
-                            cache,
-                            None if suffix_place is None else suffix_place.repeat_interleave(m, dim=0),
-                        )
+                    logits, read = self._steered(m, ivs, layout, readout, suffixes, full_mask, cache, suffix_place)
                 finally:
                     _crop(cache, shared + user_len)
                     if m > 1:
                         cache.batch_select_indices(torch.arange(0, k * m, m, device=device))
-                out.append((reduce(logits), dict(read)))
+                out.append((reduce(logits), read))
         finally:
             _crop(cache, shared)
             if k > 1:
@@ -136,14 +142,8 @@ class PrefixSession:
         out: list[tuple[Tensor, dict[int, Tensor]]] = []
         for m, ivs, layout in passes:
             self.tokens_processed += m * sum(len(row) for row in rows)
-            with self.model.steer(ivs, layout), self._reading(readout) as read:
-                logits = self._forward(
-                    ids.repeat_interleave(m, dim=0),
-                    mask.repeat_interleave(m, dim=0),
-                    None,
-                    None if place is None else place.repeat_interleave(m, dim=0),
-                )
-            out.append((reduce(logits), dict(read)))
+            logits, read = self._steered(m, ivs, layout, readout, ids, mask, None, place)
+            out.append((reduce(logits), read))
         return out
 
 
